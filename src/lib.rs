@@ -1,1 +1,14 @@
 //! roomcast: a single-binary WebSocket rooms server on a hand-rolled `mio` event loop.
+//!
+//! The crate is a sans-IO core with a thin I/O shell: [`handshake`], [`auth`],
+//! [`protocol`], [`hub`] and [`outbound`] take bytes or events and return bytes
+//! or decisions; [`server`] is the only module that touches sockets.
+
+pub mod auth;
+pub mod config;
+pub mod handshake;
+pub mod hub;
+pub mod metrics;
+pub mod outbound;
+pub mod protocol;
+pub mod server;

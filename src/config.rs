@@ -1,0 +1,217 @@
+//! Command line and environment: every flag of PROTOCOL §9, each also read from
+//! its `ROOMCAST_*` variable. clap does the parsing so that an unknown flag or a
+//! bad value gets a clear message and exit code 2 without code of ours.
+
+use std::net::SocketAddr;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The `roomcast` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "roomcast",
+    version,
+    about = "A single-binary WebSocket rooms server on a hand-rolled mio event loop",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// `roomcast token …`; without a subcommand the server runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Server flags (used when no subcommand is given).
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// Subcommands besides running the server.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a signed HS256 token (for scripts, tests and the bench harness).
+    Token(TokenArgs),
+}
+
+/// Flags of `roomcast token`.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The server's JWT secret.
+    #[arg(long, env = "ROOMCAST_JWT_SECRET")]
+    pub secret: String,
+    /// The user id (`sub` claim).
+    #[arg(long)]
+    pub sub: String,
+    /// The display name (`name` claim); defaults to the user id.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Lifetime in seconds; without it the token never expires.
+    #[arg(long)]
+    pub ttl: Option<u64>,
+    /// Room patterns the token may join (`rooms` claim), comma-separated, e.g. `lobby,team:*`.
+    #[arg(long, value_delimiter = ',')]
+    pub rooms: Option<Vec<String>>,
+}
+
+/// Flags of the server (PROTOCOL §9).
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, env = "ROOMCAST_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// HS256 secret for client tokens. Without it the server runs in demo mode with a random secret.
+    #[arg(long, env = "ROOMCAST_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Bearer key for the server API (publish endpoint disabled without it).
+    #[arg(long, env = "ROOMCAST_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Allowed `Origin` for browser upgrades (repeatable; default: any origin).
+    #[arg(long, env = "ROOMCAST_ALLOWED_ORIGIN", value_delimiter = ',')]
+    pub allowed_origin: Vec<String>,
+    /// Most upgraded WebSocket connections at once; more get 503.
+    #[arg(long, env = "ROOMCAST_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+    /// Largest message (and frame) a client may send, in bytes; larger closes with 1009.
+    #[arg(long, env = "ROOMCAST_MAX_MESSAGE_SIZE", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_message_size: u64,
+    /// Most rooms one connection may be in.
+    #[arg(long, env = "ROOMCAST_MAX_ROOMS_PER_CONNECTION", default_value_t = 100)]
+    pub max_rooms_per_connection: usize,
+    /// Interval of server pings, in milliseconds.
+    #[arg(long, env = "ROOMCAST_HEARTBEAT_MS", default_value_t = 30_000)]
+    pub heartbeat_ms: u64,
+    /// How long after a ping a silent connection is closed, in milliseconds.
+    #[arg(long, env = "ROOMCAST_PONG_TIMEOUT_MS", default_value_t = 10_000)]
+    pub pong_timeout_ms: u64,
+    /// Time a client has to send its complete request head, in milliseconds.
+    #[arg(long, env = "ROOMCAST_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+    /// Messages per second per connection (token bucket rate; 0 disables the limit).
+    #[arg(long, env = "ROOMCAST_RATE_LIMIT", default_value_t = 50)]
+    pub rate_limit: u32,
+    /// Token bucket size: messages a connection may send in a burst.
+    #[arg(long, env = "ROOMCAST_RATE_BURST", default_value_t = 100)]
+    pub rate_burst: u32,
+    /// Outbound bytes queued for one connection above which room broadcasts to it are dropped.
+    #[arg(long, env = "ROOMCAST_WRITE_BUFFER_SOFT", default_value_t = 262_144)]
+    pub write_buffer_soft: usize,
+    /// Outbound bytes queued for one connection above which it is closed (4000).
+    #[arg(long, env = "ROOMCAST_WRITE_BUFFER_HARD", default_value_t = 4_194_304)]
+    pub write_buffer_hard: usize,
+    /// Messages kept per room for recovery with `since`.
+    #[arg(long, env = "ROOMCAST_HISTORY", default_value_t = 100)]
+    pub history: usize,
+    /// Typing state expires after this many milliseconds without a `typing` (0: never).
+    #[arg(long, env = "ROOMCAST_TYPING_TIMEOUT_MS", default_value_t = 6_000)]
+    pub typing_timeout_ms: u64,
+    /// Window over which clients are closed on shutdown, in milliseconds.
+    #[arg(long, env = "ROOMCAST_DRAIN_MS", default_value_t = 3_000)]
+    pub drain_ms: u64,
+    /// File where rooms' epoch, seq and history survive a restart.
+    #[arg(long, env = "ROOMCAST_STATE_FILE")]
+    pub state_file: Option<std::path::PathBuf>,
+    /// Redis URL: rooms span every node on that Redis.
+    #[arg(long, env = "ROOMCAST_REDIS")]
+    pub redis: Option<String>,
+    /// Enable the `/echo` WebSocket endpoint (conformance suite, echo benchmark).
+    #[arg(long, env = "ROOMCAST_ECHO")]
+    pub echo: bool,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, env = "ROOMCAST_LOG_LEVEL", default_value = "info")]
+    pub log_level: log::LevelFilter,
+}
+
+/// A flag combination the server refuses to start with.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// §11: the hard mark must leave room for one full message above the soft mark.
+    #[error(
+        "--write-buffer-hard ({hard}) must be at least --write-buffer-soft + --max-message-size ({needed})"
+    )]
+    HardMarkTooLow {
+        /// The configured hard mark.
+        hard: usize,
+        /// soft + max message size.
+        needed: usize,
+    },
+}
+
+impl ServerArgs {
+    /// Checks the rules that span several flags.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let needed = self
+            .write_buffer_soft
+            .saturating_add(usize::try_from(self.max_message_size).unwrap_or(usize::MAX));
+        if self.write_buffer_hard < needed {
+            return Err(ConfigError::HardMarkTooLow {
+                hard: self.write_buffer_hard,
+                needed,
+            });
+        }
+        Ok(())
+    }
+
+    /// The largest message size as `usize` (saturating on small targets).
+    pub fn max_message_bytes(&self) -> usize {
+        usize::try_from(self.max_message_size).unwrap_or(usize::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let cli = Cli::try_parse_from(["roomcast"]).unwrap();
+        let args = cli.server;
+        assert_eq!(args.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(args.max_connections, 100_000);
+        assert_eq!(args.max_message_size, 65_536);
+        assert_eq!(args.write_buffer_soft, 262_144);
+        assert_eq!(args.write_buffer_hard, 4_194_304);
+        assert_eq!(args.history, 100);
+        assert!(args.validate().is_ok());
+    }
+
+    #[test]
+    fn hard_mark_below_soft_plus_message_is_refused() {
+        let cli = Cli::try_parse_from([
+            "roomcast",
+            "--write-buffer-soft",
+            "1000",
+            "--write-buffer-hard",
+            "1500",
+            "--max-message-size",
+            "1000",
+        ])
+        .unwrap();
+        assert!(cli.server.validate().is_err());
+    }
+
+    #[test]
+    fn unknown_flag_and_bad_value_are_usage_errors() {
+        let error = Cli::try_parse_from(["roomcast", "--nope"]).unwrap_err();
+        assert_eq!(error.exit_code(), 2);
+        let error = Cli::try_parse_from(["roomcast", "--history", "lots"]).unwrap_err();
+        assert_eq!(error.exit_code(), 2);
+    }
+
+    #[test]
+    fn token_subcommand_parses_rooms_list() {
+        let cli = Cli::try_parse_from([
+            "roomcast", "token", "--secret", "s", "--sub", "alice", "--rooms", "a,team:*",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Token(token)) => {
+                assert_eq!(token.rooms.unwrap(), vec!["a", "team:*"]);
+                assert_eq!(token.ttl, None);
+            }
+            None => panic!("expected the token subcommand"),
+        }
+    }
+}

@@ -1,0 +1,1039 @@
+//! The sans-IO core: connections, users, rooms, presence, typing, seq and
+//! history. It takes events (a connection arrived, a text frame, a
+//! disconnect, the clock moved) with the current time as an argument, and
+//! leaves what to send in each connection's outbound queue. It never touches
+//! a socket or reads a clock, so it is tested with fake connections and a
+//! fake clock.
+//!
+//! Identity is by index: connections are the slab keys the I/O shell gives
+//! them, rooms are keys of the hub's own slab, and each side stores the
+//! other's keys (members in the room, memberships in the session) so that
+//! joining and leaving are O(1).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use slab::Slab;
+
+use crate::auth::{Identity, RoomAccess, Verifier};
+use crate::metrics::Metrics;
+use crate::outbound::{Marks, Offer, OutboundQueue};
+use crate::protocol::{
+    self, ErrorCode, FrameBuilder, Request, RequestBody, error_frame, is_valid_room_name,
+};
+
+/// A connection's identity in the hub: the I/O shell's slab key.
+pub type ConnId = usize;
+
+/// A room's key in the hub's slab.
+type RoomId = usize;
+
+/// Milliseconds since the Unix epoch; the hub's only notion of time.
+pub type Millis = u64;
+
+/// How long a room without members keeps its seq, epoch and history (§11).
+pub const EMPTY_ROOM_TTL_MS: Millis = 5 * 60 * 1000;
+
+/// The settings the hub needs, taken from the command line.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Messages kept per room for recovery.
+    pub history: usize,
+    /// Most rooms per connection.
+    pub max_rooms_per_connection: usize,
+    /// Typing expiry; 0 disables it.
+    pub typing_timeout_ms: Millis,
+    /// Heartbeat interval, announced in `welcome`.
+    pub heartbeat_ms: Millis,
+    /// The outbound queue's high-water marks.
+    pub marks: Marks,
+    /// Verifies `refresh` tokens.
+    pub verifier: Verifier,
+}
+
+/// A close the hub decided on; the I/O shell sends the close frame and ends the socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseRequest {
+    /// Which connection.
+    pub conn: ConnId,
+    /// WebSocket close code (§8).
+    pub code: u16,
+    /// Close reason.
+    pub reason: &'static str,
+}
+
+struct Membership {
+    room: RoomId,
+    /// Position of this connection in the room's `members`.
+    slot: usize,
+}
+
+struct Session {
+    /// The public id sent in `welcome`.
+    connection_id: Box<str>,
+    user_id: Box<str>,
+    name: Box<str>,
+    /// `{"id":…,"name":…}`, encoded once and reused in every frame about this user.
+    user_json: Box<str>,
+    access: RoomAccess,
+    expires_at: Option<u64>,
+    memberships: Vec<Membership>,
+    outbound: OutboundQueue,
+    /// Listed in `Hub::dirty` since the shell last drained it.
+    dirty: bool,
+    /// No more frames are queued; the shell is closing the socket.
+    closing: bool,
+    /// An `/echo` connection: no user, no rooms.
+    echo: bool,
+}
+
+struct Room {
+    name: Box<str>,
+    members: Vec<ConnId>,
+    /// Connections per user in this room; `len()` is the room's `count`.
+    users: HashMap<Box<str>, u32>,
+    seq: u64,
+    epoch: Box<str>,
+    /// Encoded `message` frames with their seq, oldest first.
+    history: VecDeque<(u64, Bytes)>,
+    /// Users typing here, with the time their typing state expires.
+    typing: HashMap<Box<str>, Millis>,
+    /// Distinguishes this room from a later one reusing its slab key.
+    life: u64,
+    /// When the last member left.
+    empty_since: Option<Millis>,
+}
+
+/// The rooms server's state: everything but the sockets.
+pub struct Hub {
+    config: HubConfig,
+    sessions: Vec<Option<Session>>,
+    users: HashMap<Box<str>, Vec<ConnId>>,
+    rooms: Slab<Room>,
+    room_ids: HashMap<Box<str>, RoomId>,
+    /// (deadline, room, room life, user): typing states to expire, soonest first.
+    typing_deadlines: BinaryHeap<Reverse<TypingDeadline>>,
+    /// (deadline, room, room life): empty rooms to forget.
+    empty_room_deadlines: BinaryHeap<Reverse<(Millis, RoomId, u64)>>,
+    next_room_life: u64,
+    next_connection_number: u64,
+    occupied_rooms: usize,
+    open_sessions: usize,
+    dirty: Vec<ConnId>,
+    closes: Vec<CloseRequest>,
+    /// Connections pushed over the hard mark during the current event.
+    evicted: Vec<ConnId>,
+    metrics: Metrics,
+}
+
+/// (deadline, room, room life, user id) of one typing state.
+type TypingDeadline = (Millis, RoomId, u64, Box<str>);
+
+/// A failed request: the error frame's code and text.
+struct Refusal {
+    code: ErrorCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl Hub {
+    /// An empty hub.
+    pub fn new(config: HubConfig) -> Self {
+        Hub {
+            config,
+            sessions: Vec::new(),
+            users: HashMap::new(),
+            rooms: Slab::new(),
+            room_ids: HashMap::new(),
+            typing_deadlines: BinaryHeap::new(),
+            empty_room_deadlines: BinaryHeap::new(),
+            next_room_life: 0,
+            next_connection_number: 0,
+            occupied_rooms: 0,
+            open_sessions: 0,
+            dirty: Vec::new(),
+            closes: Vec::new(),
+            evicted: Vec::new(),
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// Counters for logs, `/metrics` and `/api/stats`.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Counters the I/O shell adds to (bytes written, handshakes refused).
+    pub fn metrics_mut(&mut self) -> &mut Metrics {
+        &mut self.metrics
+    }
+
+    /// Open WebSocket connections.
+    pub fn connection_count(&self) -> usize {
+        self.open_sessions
+    }
+
+    /// Rooms with at least one member.
+    pub fn occupied_room_count(&self) -> usize {
+        self.occupied_rooms
+    }
+
+    /// A connection finished its upgrade: queue `welcome`, then join the
+    /// room of `/ws/{room}` exactly as a `join` request would.
+    pub fn connect(&mut self, conn: ConnId, identity: Identity, join: Option<&str>, now: Millis) {
+        self.connect_after(conn, Bytes::new(), identity, join, now);
+    }
+
+    /// As `connect`, with `upgrade_response` (the `101`) queued ahead of `welcome`.
+    pub fn connect_after(
+        &mut self,
+        conn: ConnId,
+        upgrade_response: Bytes,
+        identity: Identity,
+        join: Option<&str>,
+        now: Millis,
+    ) {
+        self.next_connection_number += 1;
+        let connection_id = format!("c{:x}", self.next_connection_number).into_boxed_str();
+        let user_json = protocol::user_json(&identity.user_id, &identity.name);
+        let session = Session {
+            connection_id,
+            user_id: identity.user_id.into_boxed_str(),
+            name: identity.name.into_boxed_str(),
+            user_json,
+            access: identity.rooms,
+            expires_at: identity.expires_at,
+            memberships: Vec::new(),
+            outbound: OutboundQueue::new(),
+            dirty: false,
+            closing: false,
+            echo: false,
+        };
+        let welcome = FrameBuilder::new("welcome", None)
+            .string("connection_id", &session.connection_id)
+            .raw("user", &session.user_json)
+            .number("heartbeat_ms", self.config.heartbeat_ms)
+            .number("server_time", now)
+            .finish();
+        self.users
+            .entry(session.user_id.clone())
+            .or_default()
+            .push(conn);
+        self.insert_session(conn, session);
+        if let Some(session) = self.session_mut(conn) {
+            session.outbound.push(upgrade_response);
+        }
+        self.reply(conn, welcome);
+        if let Some(room) = join
+            && let Err(refusal) = self.join(conn, None, room, None, None, now)
+        {
+            self.reply(conn, error_frame(None, refusal.code, &refusal.message));
+        }
+        self.settle(now);
+    }
+
+    /// An `/echo` connection: it only needs an outbound queue.
+    pub fn connect_echo(&mut self, conn: ConnId) {
+        self.insert_session(
+            conn,
+            Session {
+                connection_id: Box::default(),
+                user_id: Box::default(),
+                name: Box::default(),
+                user_json: Box::default(),
+                access: RoomAccess::Patterns(Vec::new()),
+                expires_at: None,
+                memberships: Vec::new(),
+                outbound: OutboundQueue::new(),
+                dirty: false,
+                closing: false,
+                echo: true,
+            },
+        );
+    }
+
+    fn insert_session(&mut self, conn: ConnId, session: Session) {
+        if self.sessions.len() <= conn {
+            self.sessions.resize_with(conn + 1, || None);
+        }
+        if let Some(slot) = self.sessions.get_mut(conn) {
+            if slot.is_none() {
+                self.open_sessions += 1;
+            }
+            *slot = Some(session);
+        }
+    }
+
+    /// The connection's outbound queue, for the shell to write from and for
+    /// tungstenite's automatic replies to be appended to.
+    pub fn outbound_mut(&mut self, conn: ConnId) -> Option<&mut OutboundQueue> {
+        self.session_mut(conn).map(|session| &mut session.outbound)
+    }
+
+    /// Marks a connection as having bytes to write, after the shell queued some itself.
+    pub fn mark_dirty(&mut self, conn: ConnId) {
+        if let Some(session) = self.sessions.get_mut(conn).and_then(Option::as_mut)
+            && !session.dirty
+            && !session.outbound.is_empty()
+        {
+            session.dirty = true;
+            self.dirty.push(conn);
+        }
+    }
+
+    /// Connections whose queue gained bytes since the last call; each is listed once.
+    pub fn take_dirty(&mut self, into: &mut Vec<ConnId>) {
+        for conn in self.dirty.drain(..) {
+            if let Some(session) = self.sessions.get_mut(conn).and_then(Option::as_mut) {
+                session.dirty = false;
+                into.push(conn);
+            }
+        }
+    }
+
+    /// Closes the hub decided on since the last call.
+    pub fn take_closes(&mut self, into: &mut Vec<CloseRequest>) {
+        into.append(&mut self.closes);
+    }
+
+    /// One text frame from a client.
+    pub fn receive_text(&mut self, conn: ConnId, text: &str, now: Millis) {
+        let Some(session) = self.session(conn) else {
+            return;
+        };
+        if session.closing {
+            return;
+        }
+        self.metrics.messages_received += 1;
+        match protocol::parse_request(text) {
+            Ok(request) => {
+                let id = request.id;
+                if let Err(refusal) = self.dispatch(conn, request, now) {
+                    self.reply(conn, error_frame(id, refusal.code, &refusal.message));
+                }
+            }
+            Err(error) => {
+                self.reply(conn, error_frame(error.id, error.code, &error.message));
+            }
+        }
+        self.settle(now);
+    }
+
+    fn dispatch(&mut self, conn: ConnId, request: Request<'_>, now: Millis) -> Result<(), Refusal> {
+        let id = request.id;
+        match request.body {
+            RequestBody::Join { room, since, epoch } => {
+                self.join(conn, id, &room, since, epoch.as_deref(), now)
+            }
+            RequestBody::Leave { room } => {
+                let room_id = self.member_room(conn, &room)?;
+                self.remove_membership(conn, room_id, now);
+                let frame = FrameBuilder::new("left", id).string("room", &room).finish();
+                self.reply(conn, frame);
+                Ok(())
+            }
+            RequestBody::Message { room, content } => {
+                let room_id = self.member_room(conn, &room)?;
+                let seq = self.publish(room_id, conn, content, now);
+                if id.is_some() {
+                    self.reply(
+                        conn,
+                        FrameBuilder::new("ack", id).number("seq", seq).finish(),
+                    );
+                }
+                Ok(())
+            }
+            RequestBody::Direct { to, content } => {
+                let delivered = self.direct(conn, &to, content, now);
+                if delivered == 0 {
+                    return Err(Refusal::new(
+                        ErrorCode::UserOffline,
+                        format!("{} has no open connection", truncated(&to)),
+                    ));
+                }
+                if id.is_some() {
+                    self.reply(conn, FrameBuilder::new("ack", id).finish());
+                }
+                Ok(())
+            }
+            RequestBody::Typing { room, is_typing } => {
+                let room_id = self.member_room(conn, &room)?;
+                self.set_typing(conn, room_id, is_typing, now);
+                Ok(())
+            }
+            RequestBody::Presence { room } => {
+                self.check_room(conn, &room)?;
+                let frame = self.presence_frame(id, &room);
+                self.reply(conn, frame);
+                Ok(())
+            }
+            RequestBody::Ping => {
+                let frame = FrameBuilder::new("pong", id)
+                    .number("server_time", now)
+                    .finish();
+                self.reply(conn, frame);
+                Ok(())
+            }
+            RequestBody::Refresh { token } => self.refresh(conn, id, &token, now),
+        }
+    }
+
+    /// Validates a room name and the token's `rooms` claim, in the order of §11.
+    fn check_room(&self, conn: ConnId, room: &str) -> Result<(), Refusal> {
+        if !is_valid_room_name(room) {
+            return Err(Refusal::new(
+                ErrorCode::InvalidRoom,
+                "room names are 1-64 characters of A-Z a-z 0-9 _ - . :",
+            ));
+        }
+        let allowed = self
+            .session(conn)
+            .is_some_and(|session| session.access.allows(room));
+        if !allowed {
+            return Err(Refusal::new(
+                ErrorCode::Forbidden,
+                format!("your token does not allow room {room}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The room, when the connection may name it and is a member of it.
+    fn member_room(&self, conn: ConnId, room: &str) -> Result<RoomId, Refusal> {
+        self.check_room(conn, room)?;
+        let member_of = self.room_ids.get(room).copied().filter(|room_id| {
+            self.session(conn)
+                .is_some_and(|s| s.memberships.iter().any(|m| m.room == *room_id))
+        });
+        member_of.ok_or_else(|| Refusal::new(ErrorCode::NotInRoom, format!("join {room} first")))
+    }
+
+    fn join(
+        &mut self,
+        conn: ConnId,
+        id: Option<&RawValue>,
+        room: &str,
+        since: Option<u64>,
+        epoch: Option<&str>,
+        now: Millis,
+    ) -> Result<(), Refusal> {
+        self.check_room(conn, room)?;
+        let existing = self.room_ids.get(room).copied();
+        let already_member = existing.is_some_and(|room_id| {
+            self.session(conn)
+                .is_some_and(|s| s.memberships.iter().any(|m| m.room == room_id))
+        });
+        if !already_member {
+            let rooms_held = self.session(conn).map_or(0, |s| s.memberships.len());
+            if rooms_held >= self.config.max_rooms_per_connection {
+                return Err(Refusal::new(
+                    ErrorCode::TooManyRooms,
+                    format!(
+                        "at most {} rooms per connection",
+                        self.config.max_rooms_per_connection
+                    ),
+                ));
+            }
+        }
+        let room_id = match existing {
+            Some(room_id) => room_id,
+            None => self.create_room(room, now),
+        };
+        if !already_member {
+            self.add_membership(conn, room_id);
+        }
+        let Some(room_state) = self.rooms.get(room_id) else {
+            return Ok(());
+        };
+        let mut frame = FrameBuilder::new("joined", id)
+            .string("room", &room_state.name)
+            .number("count", room_state.users.len() as u64)
+            .number("seq", room_state.seq)
+            .string("epoch", &room_state.epoch);
+        let mut replay = Vec::new();
+        if let Some(since) = since {
+            let same_epoch = epoch.is_none_or(|epoch| epoch == &*room_state.epoch);
+            let recovered = if !same_epoch || since > room_state.seq {
+                false
+            } else {
+                replay.extend(
+                    room_state
+                        .history
+                        .iter()
+                        .filter(|(seq, _)| *seq > since)
+                        .map(|(_, frame)| frame.clone()),
+                );
+                since == room_state.seq
+                    || room_state
+                        .history
+                        .front()
+                        .is_some_and(|(oldest, _)| *oldest <= since + 1)
+            };
+            frame = frame
+                .boolean("recovered", recovered)
+                .number("missed", replay.len() as u64);
+        }
+        self.reply(conn, frame.finish());
+        for frame in replay {
+            self.reply(conn, frame);
+        }
+        Ok(())
+    }
+
+    fn create_room(&mut self, name: &str, now: Millis) -> RoomId {
+        self.next_room_life += 1;
+        let room = Room {
+            name: name.into(),
+            members: Vec::new(),
+            users: HashMap::new(),
+            seq: 0,
+            epoch: random_epoch(),
+            history: VecDeque::new(),
+            typing: HashMap::new(),
+            life: self.next_room_life,
+            empty_since: None,
+        };
+        let room_id = self.rooms.insert(room);
+        self.room_ids.insert(name.into(), room_id);
+        self.schedule_forget(room_id, now);
+        room_id
+    }
+
+    fn schedule_forget(&mut self, room_id: RoomId, now: Millis) {
+        if let Some(room) = self.rooms.get_mut(room_id) {
+            room.empty_since = Some(now);
+            self.empty_room_deadlines.push(Reverse((
+                now.saturating_add(EMPTY_ROOM_TTL_MS),
+                room_id,
+                room.life,
+            )));
+        }
+    }
+
+    fn add_membership(&mut self, conn: ConnId, room_id: RoomId) {
+        let Some(session) = self.sessions.get_mut(conn).and_then(Option::as_mut) else {
+            return;
+        };
+        let Some(room) = self.rooms.get_mut(room_id) else {
+            return;
+        };
+        if room.members.is_empty() {
+            self.occupied_rooms += 1;
+            room.empty_since = None;
+        }
+        session.memberships.push(Membership {
+            room: room_id,
+            slot: room.members.len(),
+        });
+        room.members.push(conn);
+        let user_count = room.users.entry(session.user_id.clone()).or_insert(0);
+        *user_count += 1;
+        if *user_count == 1 {
+            let frame = FrameBuilder::new("user_joined", None)
+                .string("room", &room.name)
+                .raw("user", &session.user_json)
+                .number("count", room.users.len() as u64)
+                .finish();
+            self.broadcast(room_id, &frame, Except::Connection(conn));
+        }
+    }
+
+    /// Removes one membership; announces `user_left` (and the end of typing)
+    /// when it was the user's last connection in the room.
+    fn remove_membership(&mut self, conn: ConnId, room_id: RoomId, now: Millis) {
+        let Some(session) = self.sessions.get_mut(conn).and_then(Option::as_mut) else {
+            return;
+        };
+        let Some(position) = session.memberships.iter().position(|m| m.room == room_id) else {
+            return;
+        };
+        let membership = session.memberships.swap_remove(position);
+        let user_id = session.user_id.clone();
+        let user_json = session.user_json.clone();
+        let Some(room) = self.rooms.get_mut(room_id) else {
+            return;
+        };
+        if membership.slot < room.members.len() {
+            room.members.swap_remove(membership.slot);
+            // The member moved into the freed slot must learn its new position.
+            if let Some(&moved) = room.members.get(membership.slot)
+                && let Some(moved_session) = self.sessions.get_mut(moved).and_then(Option::as_mut)
+                && let Some(entry) = moved_session
+                    .memberships
+                    .iter_mut()
+                    .find(|m| m.room == room_id)
+            {
+                entry.slot = membership.slot;
+            }
+        }
+        let last_of_user = match room.users.get_mut(&user_id) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                false
+            }
+            _ => {
+                room.users.remove(&user_id);
+                true
+            }
+        };
+        let now_empty = room.members.is_empty();
+        if last_of_user {
+            let was_typing = room.typing.remove(&user_id).is_some();
+            let room_name = room.name.clone();
+            let count = room.users.len() as u64;
+            if was_typing {
+                let frame = typing_frame(&room_name, &user_json, false);
+                self.broadcast(room_id, &frame, Except::User(&user_id));
+            }
+            let frame = FrameBuilder::new("user_left", None)
+                .string("room", &room_name)
+                .raw("user", &user_json)
+                .number("count", count)
+                .finish();
+            self.broadcast(room_id, &frame, Except::Nobody);
+        }
+        if now_empty {
+            self.occupied_rooms = self.occupied_rooms.saturating_sub(1);
+            self.schedule_forget(room_id, now);
+        }
+    }
+
+    /// Assigns the next seq, records the frame in history and fans it out.
+    fn publish(&mut self, room_id: RoomId, sender: ConnId, content: &RawValue, now: Millis) -> u64 {
+        let user_json = match self.session(sender) {
+            Some(session) => session.user_json.clone(),
+            None => return 0,
+        };
+        let Some(room) = self.rooms.get_mut(room_id) else {
+            return 0;
+        };
+        room.seq += 1;
+        let seq = room.seq;
+        let content = content.get();
+        let frame = FrameBuilder::with_capacity(
+            "message",
+            None,
+            room.name.len() + user_json.len() + content.len() + 64,
+        )
+        .string("room", &room.name)
+        .raw("user", &user_json)
+        .raw("content", content)
+        .number("seq", seq)
+        .number("ts", now)
+        .finish();
+        if self.config.history > 0 {
+            if room.history.len() >= self.config.history {
+                room.history.pop_front();
+            }
+            room.history.push_back((seq, frame.clone()));
+        }
+        self.broadcast(room_id, &frame, Except::Nobody);
+        seq
+    }
+
+    fn direct(&mut self, sender: ConnId, to: &str, content: &RawValue, now: Millis) -> usize {
+        let Some(targets) = self.users.get(to) else {
+            return 0;
+        };
+        let Some(session) = self.session(sender) else {
+            return 0;
+        };
+        let content = content.get();
+        let frame = FrameBuilder::with_capacity(
+            "direct",
+            None,
+            session.user_json.len() + content.len() + 48,
+        )
+        .raw("from", &session.user_json)
+        .raw("content", content)
+        .number("ts", now)
+        .finish();
+        let targets = targets.clone();
+        let mut delivered = 0;
+        for target in targets {
+            if self.deliver(target, frame.clone(), false) {
+                delivered += 1;
+            }
+        }
+        delivered
+    }
+
+    fn set_typing(&mut self, conn: ConnId, room_id: RoomId, is_typing: bool, now: Millis) {
+        let Some(session) = self.session(conn) else {
+            return;
+        };
+        let user_id = session.user_id.clone();
+        let user_json = session.user_json.clone();
+        let Some(room) = self.rooms.get_mut(room_id) else {
+            return;
+        };
+        if is_typing {
+            let deadline = if self.config.typing_timeout_ms == 0 {
+                Millis::MAX
+            } else {
+                now.saturating_add(self.config.typing_timeout_ms)
+            };
+            room.typing.insert(user_id.clone(), deadline);
+            if deadline != Millis::MAX {
+                self.typing_deadlines.push(Reverse((
+                    deadline,
+                    room_id,
+                    room.life,
+                    user_id.clone(),
+                )));
+            }
+        } else {
+            room.typing.remove(&user_id);
+        }
+        let frame = typing_frame(&room.name, &user_json, is_typing);
+        self.broadcast(room_id, &frame, Except::User(&user_id));
+    }
+
+    fn presence_frame(&self, id: Option<&RawValue>, room: &str) -> Bytes {
+        let mut users: Vec<(&str, &str, u32)> = Vec::new();
+        if let Some(room_state) = self.room_ids.get(room).and_then(|&r| self.rooms.get(r)) {
+            for &member in &room_state.members {
+                let Some(session) = self.session(member) else {
+                    continue;
+                };
+                match users.iter_mut().find(|(id, _, _)| *id == &*session.user_id) {
+                    Some(entry) => entry.2 += 1,
+                    None => users.push((&session.user_id, &session.name, 1)),
+                }
+            }
+        }
+        let mut list = Vec::with_capacity(2 + users.len() * 48);
+        list.push(b'[');
+        for (index, (user_id, name, connections)) in users.iter().enumerate() {
+            if index > 0 {
+                list.push(b',');
+            }
+            list.extend_from_slice(b"{\"id\":");
+            protocol::write_json_string(&mut list, user_id);
+            list.extend_from_slice(b",\"name\":");
+            protocol::write_json_string(&mut list, name);
+            list.extend_from_slice(format!(",\"connections\":{connections}}}").as_bytes());
+        }
+        list.push(b']');
+        let list = String::from_utf8(list).unwrap_or_else(|_| "[]".into());
+        FrameBuilder::new("presence", id)
+            .string("room", room)
+            .raw("users", &list)
+            .finish()
+    }
+
+    fn refresh(
+        &mut self,
+        conn: ConnId,
+        id: Option<&RawValue>,
+        token: &str,
+        now: Millis,
+    ) -> Result<(), Refusal> {
+        let identity = self
+            .config
+            .verifier
+            .verify(token, now / 1000)
+            .map_err(|error| {
+                Refusal::new(ErrorCode::InvalidToken, format!("token rejected: {error}"))
+            })?;
+        let Some(session) = self.session_mut(conn) else {
+            return Ok(());
+        };
+        if *session.user_id != *identity.user_id {
+            return Err(Refusal::new(
+                ErrorCode::InvalidToken,
+                "a refresh token must have the same `sub`",
+            ));
+        }
+        session.user_json = protocol::user_json(&identity.user_id, &identity.name);
+        session.name = identity.name.into_boxed_str();
+        session.access = identity.rooms;
+        session.expires_at = identity.expires_at;
+        let frame = FrameBuilder::new("refreshed", id)
+            .optional_number("exp", identity.expires_at)
+            .finish();
+        self.reply(conn, frame);
+        Ok(())
+    }
+
+    /// When a connection's token expires (seconds since the epoch), if it does.
+    pub fn token_expiry(&self, conn: ConnId) -> Option<u64> {
+        self.session(conn).and_then(|session| session.expires_at)
+    }
+
+    /// The connection is going away (closed by either side, or failed): leave
+    /// every room now so nobody else waits on it. Its queue stays until
+    /// `release`, so a close frame can still be flushed. Idempotent.
+    pub fn disconnect(&mut self, conn: ConnId, now: Millis) {
+        self.detach(conn, now);
+        self.settle(now);
+    }
+
+    fn detach(&mut self, conn: ConnId, now: Millis) {
+        let Some(session) = self.session_mut(conn) else {
+            return;
+        };
+        session.closing = true;
+        let rooms: Vec<RoomId> = session.memberships.iter().map(|m| m.room).collect();
+        let user_id = session.user_id.clone();
+        let echo = session.echo;
+        for room_id in rooms {
+            self.remove_membership(conn, room_id, now);
+        }
+        if !echo && let Some(connections) = self.users.get_mut(&user_id) {
+            connections.retain(|&other| other != conn);
+            if connections.is_empty() {
+                self.users.remove(&user_id);
+            }
+        }
+    }
+
+    /// The socket is gone: forget the connection entirely.
+    pub fn release(&mut self, conn: ConnId, now: Millis) {
+        self.disconnect(conn, now);
+        if let Some(slot) = self.sessions.get_mut(conn)
+            && slot.take().is_some()
+        {
+            self.open_sessions -= 1;
+        }
+    }
+
+    /// Runs what is due at `now`: typing expiry and forgetting empty rooms.
+    pub fn tick(&mut self, now: Millis) {
+        while let Some(Reverse((deadline, room_id, life, _))) = self.typing_deadlines.peek() {
+            if *deadline > now {
+                break;
+            }
+            let (deadline, room_id, life) = (*deadline, *room_id, *life);
+            let Some(Reverse((_, _, _, user_id))) = self.typing_deadlines.pop() else {
+                break;
+            };
+            let Some(room) = self.rooms.get_mut(room_id) else {
+                continue;
+            };
+            // A newer `typing` moved the deadline, or the state already ended.
+            if room.life != life || room.typing.get(&user_id) != Some(&deadline) {
+                continue;
+            }
+            room.typing.remove(&user_id);
+            let user_json = self
+                .users
+                .get(&user_id)
+                .and_then(|conns| conns.first())
+                .and_then(|&conn| self.session(conn))
+                .map(|session| session.user_json.clone());
+            if let (Some(user_json), Some(room)) = (user_json, self.rooms.get(room_id)) {
+                let frame = typing_frame(&room.name, &user_json, false);
+                self.broadcast(room_id, &frame, Except::User(&user_id));
+            }
+        }
+        while let Some(Reverse((deadline, room_id, life))) = self.empty_room_deadlines.peek() {
+            if *deadline > now {
+                break;
+            }
+            let (room_id, life) = (*room_id, *life);
+            self.empty_room_deadlines.pop();
+            let forget = self.rooms.get(room_id).is_some_and(|room| {
+                room.life == life
+                    && room.members.is_empty()
+                    && room
+                        .empty_since
+                        .is_some_and(|since| since.saturating_add(EMPTY_ROOM_TTL_MS) <= now)
+            });
+            if forget {
+                let room = self.rooms.remove(room_id);
+                self.room_ids.remove(&room.name);
+            }
+        }
+        self.settle(now);
+    }
+
+    /// When `tick` next has work, if ever.
+    pub fn next_deadline(&self) -> Option<Millis> {
+        let typing = self.typing_deadlines.peek().map(|Reverse(entry)| entry.0);
+        let rooms = self
+            .empty_room_deadlines
+            .peek()
+            .map(|Reverse(entry)| entry.0);
+        match (typing, rooms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Rooms the hub knows, members or not (for tests and metrics).
+    pub fn known_room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// Queues a reply to the connection's own request: never dropped above the soft mark.
+    fn reply(&mut self, conn: ConnId, frame: Bytes) {
+        self.deliver(conn, frame, false);
+    }
+
+    /// Queues a frame under the marks; true when it was queued.
+    fn deliver(&mut self, conn: ConnId, frame: Bytes, droppable: bool) -> bool {
+        let marks = self.config.marks;
+        let Some(session) = self.sessions.get_mut(conn).and_then(Option::as_mut) else {
+            return false;
+        };
+        deliver_to(
+            conn,
+            session,
+            frame,
+            droppable,
+            marks,
+            &mut self.dirty,
+            &mut self.evicted,
+            &mut self.metrics,
+        )
+    }
+
+    /// Queues the same frame bytes to every member of the room, except whom `except` names.
+    fn broadcast(&mut self, room_id: RoomId, frame: &Bytes, except: Except<'_>) -> usize {
+        let marks = self.config.marks;
+        let Some(room) = self.rooms.get(room_id) else {
+            return 0;
+        };
+        let mut delivered = 0;
+        for &member in &room.members {
+            let Some(session) = self.sessions.get_mut(member).and_then(Option::as_mut) else {
+                continue;
+            };
+            match except {
+                Except::Connection(conn) if conn == member => continue,
+                Except::User(user_id) if *session.user_id == *user_id => continue,
+                _ => {}
+            }
+            if deliver_to(
+                member,
+                session,
+                frame.clone(),
+                true,
+                marks,
+                &mut self.dirty,
+                &mut self.evicted,
+                &mut self.metrics,
+            ) {
+                delivered += 1;
+            }
+        }
+        delivered
+    }
+
+    /// Closes the connections pushed over the hard mark, which may announce
+    /// `user_left` and so evict more; runs until nothing is left.
+    fn settle(&mut self, now: Millis) {
+        while let Some(conn) = self.evicted.pop() {
+            self.closes.push(CloseRequest {
+                conn,
+                code: 4000,
+                reason: "slow consumer",
+            });
+            self.detach(conn, now);
+        }
+    }
+
+    fn session(&self, conn: ConnId) -> Option<&Session> {
+        self.sessions.get(conn).and_then(Option::as_ref)
+    }
+
+    fn session_mut(&mut self, conn: ConnId) -> Option<&mut Session> {
+        self.sessions.get_mut(conn).and_then(Option::as_mut)
+    }
+}
+
+/// Who a broadcast skips.
+#[derive(Clone, Copy)]
+enum Except<'a> {
+    Nobody,
+    /// The connection that caused it (`user_joined` goes to the others).
+    Connection(ConnId),
+    /// Every connection of a user (`typing` never echoes to the typist).
+    User(&'a str),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn deliver_to(
+    conn: ConnId,
+    session: &mut Session,
+    frame: Bytes,
+    droppable: bool,
+    marks: Marks,
+    dirty: &mut Vec<ConnId>,
+    evicted: &mut Vec<ConnId>,
+    metrics: &mut Metrics,
+) -> bool {
+    if session.closing {
+        return false;
+    }
+    match session.outbound.offer(frame, droppable, marks) {
+        Offer::Dropped => {
+            metrics.messages_dropped += 1;
+            false
+        }
+        Offer::OverHard => {
+            session.outbound.clear();
+            session.closing = true;
+            metrics.messages_dropped += 1;
+            metrics.slow_consumers_closed += 1;
+            evicted.push(conn);
+            false
+        }
+        Offer::Queued => {
+            metrics.messages_sent += 1;
+            if !session.dirty {
+                session.dirty = true;
+                dirty.push(conn);
+            }
+            true
+        }
+    }
+}
+
+fn typing_frame(room: &str, user_json: &str, is_typing: bool) -> Bytes {
+    FrameBuilder::new("typing", None)
+        .string("room", room)
+        .raw("user", user_json)
+        .boolean("is_typing", is_typing)
+        .finish()
+}
+
+fn truncated(text: &str) -> &str {
+    let mut end = text.len().min(64);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.get(..end).unwrap_or_default()
+}
+
+/// A fresh epoch: 128 random bits as hex, so two lives of a room never share one.
+fn random_epoch() -> Box<str> {
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No OS randomness: fall back to the clock and a counter, still unique per process.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        bytes = nanos.to_le_bytes();
+    }
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+        .into_boxed_str()
+}
+
+#[cfg(test)]
+#[path = "hub_tests.rs"]
+mod tests;

@@ -1,0 +1,860 @@
+//! The I/O shell: the only module that touches sockets, the clock and signals.
+//!
+//! One `mio::Poll` drives everything. Sockets are registered once,
+//! edge-triggered, for both readiness kinds; reads go until `WouldBlock`; a
+//! connection with queued bytes is written once at the end of each event
+//! batch, as much as the socket takes. The decisions are made elsewhere:
+//! [`handshake`](crate::handshake) answers request heads, tungstenite parses
+//! frames, the [`Hub`] decides what every connection is sent.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use log::{debug, error, info, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext};
+use tungstenite::{Message, Utf8Bytes};
+
+use crate::auth::{self, TokenClaims, Verifier};
+use crate::config::ServerArgs;
+use crate::handshake::{self, Decision, Endpoint, HttpRoute, Policy, RejectReason};
+use crate::hub::{CloseRequest, ConnId, Hub, HubConfig, Millis};
+use crate::outbound::{Marks, OutboundQueue};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const SIGNALS: Token = Token(usize::MAX - 2);
+
+/// tungstenite's 128 KiB default would be allocated (and zeroed) per connection;
+/// larger messages still arrive, the codec reserves a frame's full length.
+const READ_BUFFER_SIZE: usize = 4096;
+
+/// How long a closing connection may take to flush its close frame and hang up.
+const CLOSE_LINGER_MS: Millis = 1000;
+
+/// How often the loop logs a one-line summary.
+const SUMMARY_INTERVAL_MS: Millis = 60_000;
+
+/// The most a shutdown waits for clients to take their close frames.
+const SHUTDOWN_FLUSH_MS: Millis = 2000;
+
+/// Demo tokens live a day (§11).
+const DEMO_TOKEN_TTL_SECS: u64 = 24 * 60 * 60;
+
+/// Why the server could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Binding the listening socket failed.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The address asked for.
+        address: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The poller or signal handling failed.
+    #[error("event loop: {0}")]
+    Poll(#[from] io::Error),
+}
+
+/// Where a connection is in its life.
+enum Phase {
+    /// Reading a request head; `response` holds an answer being written.
+    Http {
+        head: Vec<u8>,
+        response: OutboundQueue,
+    },
+    /// Speaking WebSocket; the outbound queue lives in the hub.
+    WebSocket {
+        context: Box<WebSocketContext>,
+        echo: bool,
+    },
+    /// Everything was written and our side shut: read and discard until the
+    /// peer hangs up, so unread bytes do not turn our close into a reset.
+    Lingering,
+}
+
+struct Connection {
+    socket: TcpStream,
+    phase: Phase,
+    /// Shut the write side once the queue is empty.
+    close_when_flushed: bool,
+    /// When the connection is given up on, if a deadline is set.
+    deadline: Option<Millis>,
+    /// Already scheduled to be freed at the end of the event batch.
+    freeing: bool,
+    peer: SocketAddr,
+}
+
+/// Reads from the socket, writes into the connection's outbound queue: tungstenite
+/// parses frames from the first and its automatic replies land in the second, in
+/// order with everything else, so only the loop ever writes to the socket.
+struct QueueStream<'a> {
+    socket: &'a mut TcpStream,
+    queue: &'a mut OutboundQueue,
+}
+
+impl Read for QueueStream<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.socket.read(buf)
+    }
+}
+
+impl Write for QueueStream<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.queue.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads the wall clock once; everything in one loop iteration shares it.
+fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
+/// A bound, not yet running server.
+pub struct Server {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    signals: Signals,
+    connections: Slab<Connection>,
+    hub: Hub,
+    verifier: Verifier,
+    /// The secret, kept only in demo mode to mint `/demo/token` answers.
+    demo_secret: Option<String>,
+    args: ServerArgs,
+    local_address: SocketAddr,
+    websocket_config: WebSocketConfig,
+    /// (deadline, connection key): lazily invalidated against `Connection::deadline`.
+    deadlines: BinaryHeap<Reverse<(Millis, usize)>>,
+    /// Connections whose HTTP answer waits to be written.
+    http_dirty: Vec<usize>,
+    to_free: Vec<usize>,
+    shutting_down: Option<Millis>,
+}
+
+impl Server {
+    /// Binds the listener and prepares the loop; `run` starts serving.
+    pub fn bind(args: ServerArgs) -> Result<Self, ServerError> {
+        let (secret, demo_secret) = match &args.jwt_secret {
+            Some(secret) => (secret.clone(), None),
+            None => {
+                let secret = auth::random_secret();
+                (secret.clone(), Some(secret))
+            }
+        };
+        let verifier = Verifier::new(secret.as_bytes());
+        let poll = Poll::new()?;
+        let mut listener = TcpListener::bind(args.listen).map_err(|source| ServerError::Bind {
+            address: args.listen,
+            source,
+        })?;
+        let local_address = listener.local_addr()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let mut signals = Signals::new([SIGINT, SIGTERM])?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let max_message = args.max_message_bytes();
+        let websocket_config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER_SIZE)
+            .write_buffer_size(0)
+            .max_message_size(Some(max_message))
+            .max_frame_size(Some(max_message));
+        let hub = Hub::new(HubConfig {
+            history: args.history,
+            max_rooms_per_connection: args.max_rooms_per_connection,
+            typing_timeout_ms: args.typing_timeout_ms,
+            heartbeat_ms: args.heartbeat_ms,
+            marks: Marks {
+                soft: args.write_buffer_soft,
+                hard: args.write_buffer_hard,
+            },
+            verifier: verifier.clone(),
+        });
+        Ok(Server {
+            poll,
+            listener: Some(listener),
+            signals,
+            connections: Slab::new(),
+            hub,
+            verifier,
+            demo_secret,
+            args,
+            local_address,
+            websocket_config,
+            deadlines: BinaryHeap::new(),
+            http_dirty: Vec::new(),
+            to_free: Vec::new(),
+            shutting_down: None,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_address
+    }
+
+    /// In demo mode, a ready token for a guest, for the start-up banner.
+    pub fn demo_token(&self, name: &str) -> Option<String> {
+        let secret = self.demo_secret.as_ref()?;
+        Some(auth::sign(
+            secret.as_bytes(),
+            &TokenClaims {
+                sub: name.to_string(),
+                name: Some(name.to_string()),
+                expires_at: Some(now_ms() / 1000 + DEMO_TOKEN_TTL_SECS),
+                rooms: None,
+            },
+        ))
+    }
+
+    /// Serves until SIGINT or SIGTERM, then closes every client with 1001 and returns.
+    pub fn run(mut self) -> Result<(), ServerError> {
+        let mut events = Events::with_capacity(1024);
+        let mut dirty = Vec::new();
+        let mut closes = Vec::new();
+        let mut next_summary = now_ms() + SUMMARY_INTERVAL_MS;
+        let mut last_summary = self.hub.metrics().clone();
+        loop {
+            let now = now_ms();
+            let timeout = self.poll_timeout(now, next_summary);
+            if let Err(error) = self.poll.poll(&mut events, Some(timeout)) {
+                if error.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(error.into());
+            }
+            let now = now_ms();
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(now),
+                    SIGNALS => self.on_signal(now),
+                    Token(key) => {
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.on_readable(key, now);
+                        }
+                        if event.is_writable() {
+                            self.flush_connection(key, now);
+                        }
+                    }
+                }
+                self.apply_hub_closes(&mut closes, now);
+            }
+            self.hub.tick(now);
+            self.run_deadlines(now);
+            self.apply_hub_closes(&mut closes, now);
+            self.flush_dirty(&mut dirty, now);
+            self.free_finished(now);
+            if now >= next_summary {
+                self.log_summary(&last_summary);
+                last_summary = self.hub.metrics().clone();
+                next_summary = now + SUMMARY_INTERVAL_MS;
+            }
+            if let Some(deadline) = self.shutting_down
+                && (self.connections.is_empty() || now >= deadline)
+            {
+                info!(
+                    "shut down; {} connection(s) still open were dropped",
+                    self.connections.len()
+                );
+                return Ok(());
+            }
+        }
+    }
+
+    fn poll_timeout(&self, now: Millis, next_summary: Millis) -> Duration {
+        let mut wake = next_summary;
+        if let Some(deadline) = self.hub.next_deadline() {
+            wake = wake.min(deadline);
+        }
+        if let Some(Reverse((deadline, _))) = self.deadlines.peek() {
+            wake = wake.min(*deadline);
+        }
+        if let Some(deadline) = self.shutting_down {
+            wake = wake.min(deadline);
+        }
+        Duration::from_millis(wake.saturating_sub(now))
+    }
+
+    fn accept(&mut self, now: Millis) {
+        loop {
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
+            match listener.accept() {
+                Ok((mut socket, peer)) => {
+                    let _ = socket.set_nodelay(true);
+                    let entry = self.connections.vacant_entry();
+                    let key = entry.key();
+                    if let Err(error) = self.poll.registry().register(
+                        &mut socket,
+                        Token(key),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        warn!("cannot register connection from {peer}: {error}");
+                        continue;
+                    }
+                    let deadline = now.saturating_add(self.args.handshake_timeout_ms);
+                    entry.insert(Connection {
+                        socket,
+                        phase: Phase::Http {
+                            head: Vec::new(),
+                            response: OutboundQueue::new(),
+                        },
+                        close_when_flushed: false,
+                        deadline: Some(deadline),
+                        freeing: false,
+                        peer,
+                    });
+                    self.deadlines.push(Reverse((deadline, key)));
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    // ECONNABORTED and friends concern one peer; the listener lives on.
+                    debug!("accept failed: {error}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_readable(&mut self, key: usize, now: Millis) {
+        let Some(connection) = self.connections.get(key) else {
+            return;
+        };
+        if connection.freeing {
+            return;
+        }
+        match connection.phase {
+            Phase::Http { .. } => self.read_http(key, now),
+            Phase::WebSocket { .. } => self.read_websocket(key, now),
+            Phase::Lingering => self.read_discard(key),
+        }
+    }
+
+    /// Reads a request head until it is complete, then acts on the decision.
+    fn read_http(&mut self, key: usize, now: Millis) {
+        let Some(connection) = self.connections.get_mut(key) else {
+            return;
+        };
+        let Phase::Http { head, .. } = &mut connection.phase else {
+            return;
+        };
+        if connection.close_when_flushed {
+            // An answer is on its way out; later bytes are not read.
+            return;
+        }
+        let mut chunk = [0u8; 4096];
+        let mut peer_closed = false;
+        loop {
+            // Read at most one byte past the cap: enough to know the head is too large.
+            if head.len() > handshake::MAX_HEAD_BYTES {
+                break;
+            }
+            match connection.socket.read(&mut chunk) {
+                Ok(0) => {
+                    peer_closed = true;
+                    break;
+                }
+                Ok(read) => head.extend_from_slice(chunk.get(..read).unwrap_or_default()),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    debug!(
+                        "connection {key} ({}): read failed: {error}",
+                        connection.peer
+                    );
+                    peer_closed = true;
+                    break;
+                }
+            }
+        }
+        let policy = Policy {
+            verifier: &self.verifier,
+            allowed_origins: &self.args.allowed_origin,
+            max_connections: self.args.max_connections,
+            open_connections: self.hub.connection_count(),
+            echo_enabled: self.args.echo,
+            demo_mode: self.demo_secret.is_some(),
+            now_secs: now / 1000,
+        };
+        let decision = handshake::decide(head, &policy);
+        match decision {
+            None if peer_closed => self.schedule_free(key),
+            None => {}
+            Some(Decision::Reject { reason, response }) => {
+                self.hub.metrics_mut().reject(reason);
+                debug!(
+                    "connection {key} ({}): handshake rejected: {} ({})",
+                    connection.peer,
+                    reason.status(),
+                    reason.label()
+                );
+                self.answer_http(key, Bytes::from(response));
+            }
+            Some(Decision::Serve { route, .. }) => {
+                let response = self.serve(route);
+                self.answer_http(key, Bytes::from(response));
+            }
+            Some(Decision::Upgrade {
+                response,
+                identity,
+                endpoint,
+                head_len,
+            }) => {
+                let leftover = head.get(head_len..).unwrap_or_default().to_vec();
+                let context = WebSocketContext::from_partially_read(
+                    leftover,
+                    Role::Server,
+                    Some(self.websocket_config),
+                );
+                debug!(
+                    "connection {key} ({}): upgraded for user {}",
+                    connection.peer, identity.user_id
+                );
+                connection.deadline = None;
+                let echo = endpoint == Endpoint::Echo;
+                connection.phase = Phase::WebSocket {
+                    context: Box::new(context),
+                    echo,
+                };
+                let upgrade = Bytes::from(response);
+                match endpoint {
+                    Endpoint::Echo => {
+                        self.hub.connect_echo(key);
+                        if let Some(queue) = self.hub.outbound_mut(key) {
+                            queue.push(upgrade);
+                        }
+                        self.hub.mark_dirty(key);
+                    }
+                    Endpoint::Rooms { join } => {
+                        self.hub
+                            .connect_after(key, upgrade, identity, join.as_deref(), now);
+                    }
+                }
+                // Frames that came with the head are already buffered: parse them now,
+                // no further readiness edge will announce them.
+                self.read_websocket(key, now);
+            }
+        }
+    }
+
+    /// The answer to a plain HTTP request (`/health`, `/demo/token`).
+    fn serve(&self, route: HttpRoute) -> Vec<u8> {
+        match route {
+            HttpRoute::Health => {
+                handshake::response(200, "application/json", br#"{"status":"ok"}"#, &[])
+            }
+            HttpRoute::DemoToken { name } => {
+                let Some(secret) = &self.demo_secret else {
+                    return handshake::response(
+                        404,
+                        "text/plain; charset=utf-8",
+                        b"404 Not Found\n",
+                        &[],
+                    );
+                };
+                let user_id = format!("guest-{:04x}", getrandom::u32().unwrap_or(0) & 0xffff);
+                let name = name
+                    .map(|name| name.trim().chars().take(64).collect::<String>())
+                    .filter(|name| !name.is_empty())
+                    .unwrap_or_else(|| user_id.clone());
+                let token = auth::sign(
+                    secret.as_bytes(),
+                    &TokenClaims {
+                        sub: user_id.clone(),
+                        name: Some(name.clone()),
+                        expires_at: Some(now_ms() / 1000 + DEMO_TOKEN_TTL_SECS),
+                        rooms: None,
+                    },
+                );
+                let body = serde_json::json!({
+                    "token": token,
+                    "user": {"id": user_id, "name": name},
+                });
+                handshake::response(200, "application/json", body.to_string().as_bytes(), &[])
+            }
+        }
+    }
+
+    fn answer_http(&mut self, key: usize, response: Bytes) {
+        let Some(connection) = self.connections.get_mut(key) else {
+            return;
+        };
+        if let Phase::Http {
+            response: queue, ..
+        } = &mut connection.phase
+        {
+            queue.push(response);
+            connection.close_when_flushed = true;
+            self.http_dirty.push(key);
+        }
+    }
+
+    /// Reads frames until the socket would block, handing each message on.
+    fn read_websocket(&mut self, key: usize, now: Millis) {
+        loop {
+            let Some(connection) = self.connections.get_mut(key) else {
+                return;
+            };
+            if connection.freeing || connection.close_when_flushed {
+                return;
+            }
+            let Phase::WebSocket { context, echo } = &mut connection.phase else {
+                return;
+            };
+            let echo = *echo;
+            let Some(queue) = self.hub.outbound_mut(key) else {
+                return;
+            };
+            let mut stream = QueueStream {
+                socket: &mut connection.socket,
+                queue,
+            };
+            let result = context.read(&mut stream);
+            let queued_reply = !stream.queue.is_empty();
+            match result {
+                Ok(Message::Text(text)) if echo => {
+                    let _ = context.write(&mut stream, Message::Text(text));
+                    self.hub.mark_dirty(key);
+                }
+                Ok(Message::Binary(data)) if echo => {
+                    let _ = context.write(&mut stream, Message::Binary(data));
+                    self.hub.mark_dirty(key);
+                }
+                Ok(Message::Text(text)) => {
+                    self.hub.receive_text(key, text.as_str(), now);
+                }
+                Ok(Message::Binary(_)) => {
+                    self.fail(
+                        key,
+                        CloseCode::Unsupported,
+                        "binary frames are not accepted",
+                        now,
+                    );
+                    return;
+                }
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {
+                    if queued_reply {
+                        self.hub.mark_dirty(key);
+                    }
+                }
+                Ok(Message::Close(frame)) => {
+                    debug!(
+                        "connection {key}: closed by peer ({})",
+                        frame
+                            .as_ref()
+                            .map_or_else(|| "no code".to_string(), |f| f.to_string())
+                    );
+                    self.hub.disconnect(key, now);
+                    self.hub.mark_dirty(key);
+                    // The next read flushes tungstenite's reply and reports the end.
+                }
+                Err(tungstenite::Error::Io(error)) if error.kind() == io::ErrorKind::WouldBlock => {
+                    if queued_reply {
+                        self.hub.mark_dirty(key);
+                    }
+                    return;
+                }
+                Err(tungstenite::Error::Io(error))
+                    if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(tungstenite::Error::ConnectionClosed) => {
+                    connection.close_when_flushed = true;
+                    connection.deadline = Some(now + CLOSE_LINGER_MS);
+                    self.deadlines.push(Reverse((now + CLOSE_LINGER_MS, key)));
+                    self.hub.disconnect(key, now);
+                    self.hub.mark_dirty(key);
+                    if self.hub.outbound_mut(key).is_none_or(|q| q.is_empty()) {
+                        self.finish_flushed(key);
+                    }
+                    return;
+                }
+                Err(tungstenite::Error::Capacity(_)) => {
+                    self.fail(key, CloseCode::Size, "message too big", now);
+                    return;
+                }
+                Err(tungstenite::Error::Utf8(_)) => {
+                    self.fail(key, CloseCode::Invalid, "invalid UTF-8", now);
+                    return;
+                }
+                Err(tungstenite::Error::Protocol(
+                    tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+                )) => {
+                    debug!("connection {key}: peer went away without a close");
+                    self.hub.disconnect(key, now);
+                    self.schedule_free(key);
+                    return;
+                }
+                Err(tungstenite::Error::Protocol(violation)) => {
+                    debug!("connection {key}: protocol violation: {violation}");
+                    self.fail(key, CloseCode::Protocol, "protocol error", now);
+                    return;
+                }
+                Err(error) => {
+                    debug!("connection {key}: read failed: {error}");
+                    self.hub.disconnect(key, now);
+                    self.schedule_free(key);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Closes a WebSocket connection for something its client did: leave the
+    /// rooms now, queue the close frame, hang up once it is written.
+    fn fail(&mut self, key: usize, code: CloseCode, reason: &'static str, now: Millis) {
+        debug!(
+            "connection {key}: closing with {}: {reason}",
+            u16::from(code)
+        );
+        self.hub.disconnect(key, now);
+        self.close_websocket(key, code, reason.into(), now);
+    }
+
+    /// Queues a close frame through tungstenite (so its state machine knows)
+    /// and arranges for the socket to be shut once the frame is out.
+    fn close_websocket(&mut self, key: usize, code: CloseCode, reason: Utf8Bytes, now: Millis) {
+        let Some(connection) = self.connections.get_mut(key) else {
+            return;
+        };
+        if let Phase::WebSocket { context, .. } = &mut connection.phase
+            && let Some(queue) = self.hub.outbound_mut(key)
+        {
+            let mut stream = QueueStream {
+                socket: &mut connection.socket,
+                queue,
+            };
+            let _ = context.close(&mut stream, Some(CloseFrame { code, reason }));
+        }
+        connection.close_when_flushed = true;
+        let deadline = now + CLOSE_LINGER_MS;
+        connection.deadline = Some(deadline);
+        self.deadlines.push(Reverse((deadline, key)));
+        self.hub.mark_dirty(key);
+    }
+
+    fn apply_hub_closes(&mut self, closes: &mut Vec<CloseRequest>, now: Millis) {
+        self.hub.take_closes(closes);
+        for close in closes.drain(..) {
+            debug!(
+                "connection {}: closing with {}: {}",
+                close.conn, close.code, close.reason
+            );
+            self.close_websocket(
+                close.conn,
+                CloseCode::from(close.code),
+                close.reason.into(),
+                now,
+            );
+        }
+    }
+
+    /// Writes every connection that has queued bytes, once each.
+    fn flush_dirty(&mut self, dirty: &mut Vec<ConnId>, now: Millis) {
+        self.hub.take_dirty(dirty);
+        dirty.append(&mut self.http_dirty);
+        for key in dirty.drain(..) {
+            self.flush_connection(key, now);
+        }
+    }
+
+    /// Drains the connection's queue into its socket as far as the socket takes.
+    fn flush_connection(&mut self, key: usize, now: Millis) {
+        let Some(connection) = self.connections.get_mut(key) else {
+            return;
+        };
+        if connection.freeing {
+            return;
+        }
+        let queue = match &mut connection.phase {
+            Phase::Http { response, .. } => Some(response),
+            Phase::WebSocket { .. } => self.hub.outbound_mut(key),
+            Phase::Lingering => None,
+        };
+        let Some(queue) = queue else {
+            return;
+        };
+        if queue.is_empty() && !connection.close_when_flushed {
+            return;
+        }
+        match queue.write_to(&mut connection.socket) {
+            Ok(written) => {
+                self.hub.metrics_mut().bytes_sent += written as u64;
+            }
+            Err(error) => {
+                debug!(
+                    "connection {key} ({}): write failed: {error}",
+                    connection.peer
+                );
+                self.hub.disconnect(key, now);
+                self.schedule_free(key);
+                return;
+            }
+        }
+        let flushed = match &connection.phase {
+            Phase::Http { response, .. } => response.is_empty(),
+            _ => self.hub.outbound_mut(key).is_none_or(|q| q.is_empty()),
+        };
+        if flushed && connection.close_when_flushed {
+            self.finish_flushed(key);
+        }
+    }
+
+    /// Everything is written on a closing connection: shut our side and wait
+    /// briefly for the peer to hang up.
+    fn finish_flushed(&mut self, key: usize) {
+        let Some(connection) = self.connections.get_mut(key) else {
+            return;
+        };
+        let _ = connection.socket.shutdown(Shutdown::Write);
+        connection.phase = Phase::Lingering;
+        if connection.deadline.is_none() {
+            let deadline = now_ms() + CLOSE_LINGER_MS;
+            connection.deadline = Some(deadline);
+            self.deadlines.push(Reverse((deadline, key)));
+        }
+        // The hub's part ended with the close; its queue is no longer needed.
+        self.hub.release(key, now_ms());
+        self.read_discard(key);
+    }
+
+    fn read_discard(&mut self, key: usize) {
+        let Some(connection) = self.connections.get_mut(key) else {
+            return;
+        };
+        let mut sink = [0u8; 4096];
+        loop {
+            match connection.socket.read(&mut sink) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        self.schedule_free(key);
+    }
+
+    fn run_deadlines(&mut self, now: Millis) {
+        while let Some(Reverse((deadline, key))) = self.deadlines.peek().copied() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop();
+            let Some(connection) = self.connections.get_mut(key) else {
+                continue;
+            };
+            if connection.deadline != Some(deadline) || connection.freeing {
+                continue;
+            }
+            if let Phase::Http { .. } = connection.phase {
+                if !connection.close_when_flushed {
+                    self.hub.metrics_mut().reject(RejectReason::Timeout);
+                    debug!(
+                        "connection {key} ({}): handshake timed out",
+                        connection.peer
+                    );
+                }
+            } else {
+                debug!("connection {key}: close did not complete in time");
+            }
+            self.hub.disconnect(key, now);
+            self.schedule_free(key);
+        }
+    }
+
+    fn schedule_free(&mut self, key: usize) {
+        if let Some(connection) = self.connections.get_mut(key)
+            && !connection.freeing
+        {
+            connection.freeing = true;
+            self.to_free.push(key);
+        }
+    }
+
+    /// Frees connections at the end of the batch, so that no key is reused
+    /// while events for its previous owner may still be pending in the batch.
+    fn free_finished(&mut self, now: Millis) {
+        for key in self.to_free.drain(..) {
+            if let Some(mut connection) = self.connections.try_remove(key) {
+                let _ = self.poll.registry().deregister(&mut connection.socket);
+                self.hub.release(key, now);
+                debug!("connection {key} ({}): freed", connection.peer);
+            }
+        }
+    }
+
+    fn on_signal(&mut self, now: Millis) {
+        let mut stop = false;
+        for signal in self.signals.pending() {
+            stop |= signal == SIGINT || signal == SIGTERM;
+        }
+        if !stop || self.shutting_down.is_some() {
+            return;
+        }
+        info!(
+            "signal received: closing {} connection(s)",
+            self.hub.connection_count()
+        );
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        self.shutting_down = Some(now + SHUTDOWN_FLUSH_MS);
+        let keys: Vec<usize> = self.connections.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            let Some(connection) = self.connections.get(key) else {
+                continue;
+            };
+            match connection.phase {
+                Phase::WebSocket { .. } if !connection.close_when_flushed => {
+                    let retry_ms = random_below(self.args.drain_ms.saturating_add(1));
+                    let reason = format!("server shutting down; retry_ms={retry_ms}");
+                    self.hub.disconnect(key, now);
+                    self.close_websocket(key, CloseCode::Away, reason.into(), now);
+                }
+                Phase::Http { .. } if !connection.close_when_flushed => self.schedule_free(key),
+                _ => {}
+            }
+        }
+    }
+
+    fn log_summary(&self, previous: &crate::metrics::Metrics) {
+        let metrics = self.hub.metrics();
+        info!(
+            "{} connection(s), {} room(s); last minute: {} received, {} sent, {} dropped, {} bytes out",
+            self.hub.connection_count(),
+            self.hub.occupied_room_count(),
+            metrics.messages_received - previous.messages_received,
+            metrics.messages_sent - previous.messages_sent,
+            metrics.messages_dropped - previous.messages_dropped,
+            metrics.bytes_sent - previous.bytes_sent,
+        );
+    }
+}
+
+fn random_below(bound: u64) -> u64 {
+    if bound == 0 {
+        return 0;
+    }
+    getrandom::u64().unwrap_or(0) % bound
+}
+
+/// Logs a fatal error the way the binary reports it.
+pub fn report(error: &ServerError) {
+    error!("{error}");
+}

@@ -701,14 +701,22 @@ impl Hub {
 
     fn presence_frame(&self, id: Option<&RawValue>, room: &str) -> Bytes {
         let mut users: Vec<(&str, &str, u32)> = Vec::new();
+        let mut positions: HashMap<&str, usize> = HashMap::new();
         if let Some(room_state) = self.room_ids.get(room).and_then(|&r| self.rooms.get(r)) {
             for &member in &room_state.members {
                 let Some(session) = self.session(member) else {
                     continue;
                 };
-                match users.iter_mut().find(|(id, _, _)| *id == &*session.user_id) {
-                    Some(entry) => entry.2 += 1,
-                    None => users.push((&session.user_id, &session.name, 1)),
+                match positions.get(&*session.user_id) {
+                    Some(&position) => {
+                        if let Some(entry) = users.get_mut(position) {
+                            entry.2 += 1;
+                        }
+                    }
+                    None => {
+                        positions.insert(&session.user_id, users.len());
+                        users.push((&session.user_id, &session.name, 1));
+                    }
                 }
             }
         }

@@ -10,7 +10,8 @@ pub struct Metrics {
     pub messages_received: u64,
     /// Frames queued to clients (one per recipient).
     pub messages_sent: u64,
-    /// Broadcasts not queued because the recipient was above its soft mark.
+    /// Frames not queued: broadcasts to a connection above its soft mark, and
+    /// the frame that pushed a connection over its hard mark.
     pub messages_dropped: u64,
     /// Connections closed for crossing the hard mark.
     pub slow_consumers_closed: u64,

@@ -1,0 +1,248 @@
+//! Test support: starts the real `roomcast` binary on a loopback port and
+//! talks to it with tungstenite's blocking client.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use roomcast::auth::{TokenClaims, sign};
+use serde_json::Value;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Message, WebSocket};
+
+/// Upper bound on any single wait, so a broken server fails a test instead of hanging it.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// The secret every test server is started with.
+pub const SECRET: &str = "test-secret";
+
+/// A running server process, killed on drop.
+pub struct TestServer {
+    child: Child,
+    pub addr: SocketAddr,
+    /// Lines the server printed to stdout after the first (the demo banner).
+    pub banner: Vec<String>,
+}
+
+impl TestServer {
+    /// Starts the server with `--jwt-secret SECRET` and the given extra flags.
+    pub fn start(extra: &[&str]) -> Self {
+        let mut args = vec!["--jwt-secret", SECRET];
+        args.extend_from_slice(extra);
+        Self::start_raw(&args)
+    }
+
+    /// Starts the server with exactly these flags (plus `--listen 127.0.0.1:0`).
+    pub fn start_raw(extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_roomcast"))
+            .args(["--listen", "127.0.0.1:0", "--log-level", "warn"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start roomcast");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut reader = BufReader::new(stdout);
+        let mut first = String::new();
+        reader.read_line(&mut first).expect("banner");
+        let addr = first
+            .trim()
+            .rsplit("http://")
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected banner line {first:?}"));
+        let mut banner = Vec::new();
+        // The demo banner is printed right after the first line; read what is there.
+        if extra.iter().all(|a| *a != "--jwt-secret") {
+            for _ in 0..3 {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                banner.push(line.trim().to_string());
+            }
+        }
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            let _ = reader.read_to_string(&mut sink);
+        });
+        TestServer {
+            child,
+            addr,
+            banner,
+        }
+    }
+
+    /// A token for `sub` signed with the test secret.
+    pub fn token(&self, sub: &str) -> String {
+        token(sub)
+    }
+
+    /// Connects to `/ws` as `sub` and returns the client after `welcome`.
+    pub fn connect(&self, sub: &str) -> Client {
+        let mut client = self.open(&format!("/ws?token={}", token(sub)));
+        let welcome = client.recv();
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        client
+    }
+
+    /// Opens a WebSocket to `path` (path and query) without reading anything.
+    pub fn open(&self, path: &str) -> Client {
+        self.try_open(path)
+            .unwrap_or_else(|e| panic!("upgrade {path}: {e}"))
+    }
+
+    /// Opens a WebSocket, returning the handshake error (e.g. an HTTP status) instead of panicking.
+    pub fn try_open(&self, path: &str) -> Result<Client, tungstenite::Error> {
+        let stream = TcpStream::connect(self.addr).expect("tcp connect");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let url = format!("ws://{}{}", self.addr, path);
+        match tungstenite::client(url.as_str(), stream) {
+            Ok((ws, _response)) => Ok(Client { ws }),
+            Err(tungstenite::HandshakeError::Failure(error)) => Err(error),
+            Err(tungstenite::HandshakeError::Interrupted(_)) => {
+                panic!("blocking handshake interrupted")
+            }
+        }
+    }
+
+    /// Sends raw bytes and returns everything the server answers until it closes.
+    pub fn raw(&self, request: &[u8]) -> String {
+        let mut stream = TcpStream::connect(self.addr).expect("tcp connect");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream.write_all(request).unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    /// The status code of the server's answer to a raw request.
+    pub fn raw_status(&self, request: &[u8]) -> u16 {
+        status_of(&self.raw(request))
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The status code in the first line of an HTTP response ("HTTP/1.1 404 …").
+pub fn status_of(response: &str) -> u16 {
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A token for `sub`, no expiry, every room.
+pub fn token(sub: &str) -> String {
+    sign(
+        SECRET.as_bytes(),
+        &TokenClaims {
+            sub: sub.into(),
+            ..Default::default()
+        },
+    )
+}
+
+/// A token with every claim chosen by the test.
+pub fn token_with(claims: TokenClaims) -> String {
+    sign(SECRET.as_bytes(), &claims)
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A blocking WebSocket client.
+pub struct Client {
+    pub ws: WebSocket<TcpStream>,
+}
+
+impl Client {
+    /// Sends one JSON text frame.
+    pub fn send(&mut self, value: Value) {
+        self.ws
+            .send(Message::text(value.to_string()))
+            .expect("send");
+    }
+
+    /// Sends a raw text frame.
+    pub fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).expect("send");
+    }
+
+    /// The next JSON text frame (control frames are skipped).
+    pub fn recv(&mut self) -> Value {
+        loop {
+            match self.ws.read().expect("read") {
+                Message::Text(text) => return serde_json::from_str(&text).expect("json"),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads frames until one of type `kind` arrives; returns it and the skipped ones.
+    pub fn recv_type(&mut self, kind: &str) -> Value {
+        loop {
+            let value = self.recv();
+            if value["type"] == kind {
+                return value;
+            }
+        }
+    }
+
+    /// Sends a request and returns the next frame (its direct reply on a quiet connection).
+    pub fn request(&mut self, value: Value) -> Value {
+        self.send(value);
+        self.recv()
+    }
+
+    /// Joins a room and returns the `joined` reply.
+    pub fn join(&mut self, room: &str) -> Value {
+        let joined = self.request(serde_json::json!({"type": "join", "payload": {"room": room}}));
+        assert_eq!(joined["type"], "joined", "{joined}");
+        joined
+    }
+
+    /// Reads until the server's close frame; returns its code (and reason).
+    pub fn expect_close(&mut self) -> (u16, String) {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Close(Some(CloseFrame { code, reason }))) => {
+                    return (u16::from(code), reason.to_string());
+                }
+                Ok(Message::Close(None)) => return (1005, String::new()),
+                Ok(_) => continue,
+                Err(error) => panic!("connection ended without a close frame: {error}"),
+            }
+        }
+    }
+
+    /// Proves the connection is alive and in order: a ping gets its pong.
+    pub fn assert_alive(&mut self) {
+        let pong = self.request(serde_json::json!({"type": "ping", "id": "alive"}));
+        assert_eq!(pong["type"], "pong", "{pong}");
+        assert_eq!(pong["id"], "alive");
+    }
+}

@@ -243,13 +243,29 @@ pub fn decide(buffer: &[u8], policy: &Policy<'_>) -> Option<Decision> {
         }
         Ok(httparse::Status::Partial) => return None,
         Err(httparse::Error::TooManyHeaders) => return Some(reject(RejectReason::TooLarge)),
-        Err(_) => return Some(reject(RejectReason::BadRequest)),
+        Err(_) => return Some(reject(malformed_head_reason(buffer))),
     };
     let decision = decide_head(&request, head_len, policy);
     if let Decision::Reject { reason, .. } = &decision {
         log::debug!("handshake refused: {}", reason.label());
     }
     Some(decision)
+}
+
+/// A malformed head is still "too large" first when it is (§11 order): when
+/// its blank line ends past the cap, or more than the cap arrived without one.
+/// A malformed head whose end is not in sight yet is answered `400` at once:
+/// it cannot become valid, and waiting for 8 KiB of garbage helps nobody.
+fn malformed_head_reason(buffer: &[u8]) -> RejectReason {
+    let head_end = buffer
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .map(|position| position + 4);
+    match head_end {
+        Some(end) if end > MAX_HEAD_BYTES => RejectReason::TooLarge,
+        None if buffer.len() > MAX_HEAD_BYTES => RejectReason::TooLarge,
+        _ => RejectReason::BadRequest,
+    }
 }
 
 /// Build a complete HTTP/1.1 response with Content-Length, the given content

@@ -10,8 +10,7 @@
 //! other's keys (members in the room, memberships in the session) so that
 //! joining and leaving are O(1).
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -23,6 +22,7 @@ use crate::outbound::{Marks, Offer, OutboundQueue};
 use crate::protocol::{
     self, ErrorCode, FrameBuilder, Request, RequestBody, error_frame, is_valid_room_name,
 };
+use crate::timers::Deadlines;
 
 /// A connection's identity in the hub: the I/O shell's slab key.
 pub type ConnId = usize;
@@ -45,8 +45,14 @@ pub struct HubConfig {
     pub max_rooms_per_connection: usize,
     /// Typing expiry; 0 disables it.
     pub typing_timeout_ms: Millis,
-    /// Heartbeat interval, announced in `welcome`.
+    /// Interval of server pings, announced in `welcome`; 0 disables heartbeats.
     pub heartbeat_ms: Millis,
+    /// Silence after a ping before the connection is closed with 1011.
+    pub pong_timeout_ms: Millis,
+    /// Messages per second per connection; 0 disables the limit.
+    pub rate_limit: u32,
+    /// Token-bucket size.
+    pub rate_burst: u32,
     /// The outbound queue's high-water marks.
     pub marks: Marks,
     /// Verifies `refresh` tokens.
@@ -64,6 +70,53 @@ pub struct CloseRequest {
     pub reason: &'static str,
 }
 
+/// Messages of one room a connection did not get because it was above its
+/// soft mark, reported as `lagged` once it drains.
+struct LaggedSpan {
+    room: RoomId,
+    from_seq: u64,
+    to_seq: u64,
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` banked.
+struct RateBucket {
+    tokens: f64,
+    updated: Millis,
+    /// Messages refused in a row; `2 × burst` of them close the connection.
+    refused_in_a_row: u32,
+}
+
+impl RateBucket {
+    fn full(burst: u32, now: Millis) -> Self {
+        RateBucket {
+            tokens: f64::from(burst.max(1)),
+            updated: now,
+            refused_in_a_row: 0,
+        }
+    }
+}
+
+/// A server ping with an empty payload: the same two bytes for everyone.
+const PING_FRAME: &[u8] = &[0x89, 0x00];
+
+/// What a hub timer is for; each is checked against the current state when it fires.
+enum Timer {
+    /// A typing state may have expired.
+    Typing {
+        room: RoomId,
+        life: u64,
+        user_id: Box<str>,
+    },
+    /// An empty room may be forgotten.
+    ForgetRoom { room: RoomId, life: u64 },
+    /// Time to ping the connection.
+    Heartbeat { conn: ConnId, serial: u64 },
+    /// The ping's answer is due.
+    PongDue { conn: ConnId, serial: u64 },
+    /// The token may have expired.
+    TokenExpiry { conn: ConnId, serial: u64 },
+}
+
 struct Membership {
     room: RoomId,
     /// Position of this connection in the room's `members`.
@@ -71,6 +124,8 @@ struct Membership {
 }
 
 struct Session {
+    /// Unique for the hub's life: tells this connection from a later one on the same key.
+    serial: u64,
     /// The public id sent in `welcome`.
     connection_id: Box<str>,
     user_id: Box<str>,
@@ -87,6 +142,12 @@ struct Session {
     closing: bool,
     /// An `/echo` connection: no user, no rooms.
     echo: bool,
+    /// When the client last sent any frame.
+    last_seen: Millis,
+    /// When the outstanding ping was sent.
+    ping_sent_at: Option<Millis>,
+    rate: RateBucket,
+    lagged: Vec<LaggedSpan>,
 }
 
 struct Room {
@@ -113,10 +174,9 @@ pub struct Hub {
     users: HashMap<Box<str>, Vec<ConnId>>,
     rooms: Slab<Room>,
     room_ids: HashMap<Box<str>, RoomId>,
-    /// (deadline, room, room life, user): typing states to expire, soonest first.
-    typing_deadlines: BinaryHeap<Reverse<TypingDeadline>>,
-    /// (deadline, room, room life): empty rooms to forget.
-    empty_room_deadlines: BinaryHeap<Reverse<(Millis, RoomId, u64)>>,
+    timers: Deadlines<Timer>,
+    /// Reused buffer of due timers.
+    due: Vec<Timer>,
     next_room_life: u64,
     next_connection_number: u64,
     occupied_rooms: usize,
@@ -127,9 +187,6 @@ pub struct Hub {
     evicted: Vec<ConnId>,
     metrics: Metrics,
 }
-
-/// (deadline, room, room life, user id) of one typing state.
-type TypingDeadline = (Millis, RoomId, u64, Box<str>);
 
 /// A failed request: the error frame's code and text.
 struct Refusal {
@@ -155,8 +212,8 @@ impl Hub {
             users: HashMap::new(),
             rooms: Slab::new(),
             room_ids: HashMap::new(),
-            typing_deadlines: BinaryHeap::new(),
-            empty_room_deadlines: BinaryHeap::new(),
+            timers: Deadlines::new(),
+            due: Vec::new(),
             next_room_life: 0,
             next_connection_number: 0,
             occupied_rooms: 0,
@@ -206,7 +263,9 @@ impl Hub {
         self.next_connection_number += 1;
         let connection_id = format!("c{:x}", self.next_connection_number).into_boxed_str();
         let user_json = protocol::user_json(&identity.user_id, &identity.name);
+        let serial = self.next_connection_number;
         let session = Session {
+            serial,
             connection_id,
             user_id: identity.user_id.into_boxed_str(),
             name: identity.name.into_boxed_str(),
@@ -218,7 +277,18 @@ impl Hub {
             dirty: false,
             closing: false,
             echo: false,
+            last_seen: now,
+            ping_sent_at: None,
+            rate: RateBucket::full(self.config.rate_burst, now),
+            lagged: Vec::new(),
         };
+        if let Some(expires_at) = session.expires_at {
+            self.timers.schedule(
+                expires_at.saturating_mul(1000),
+                Timer::TokenExpiry { conn, serial },
+            );
+        }
+        self.schedule_heartbeat(conn, serial, now);
         let welcome = FrameBuilder::new("welcome", None)
             .string("connection_id", &session.connection_id)
             .raw("user", &session.user_json)
@@ -243,10 +313,14 @@ impl Hub {
     }
 
     /// An `/echo` connection: it only needs an outbound queue.
-    pub fn connect_echo(&mut self, conn: ConnId) {
+    pub fn connect_echo(&mut self, conn: ConnId, now: Millis) {
+        self.next_connection_number += 1;
+        let serial = self.next_connection_number;
+        self.schedule_heartbeat(conn, serial, now);
         self.insert_session(
             conn,
             Session {
+                serial,
                 connection_id: Box::default(),
                 user_id: Box::default(),
                 name: Box::default(),
@@ -258,6 +332,10 @@ impl Hub {
                 dirty: false,
                 closing: false,
                 echo: true,
+                last_seen: now,
+                ping_sent_at: None,
+                rate: RateBucket::full(self.config.rate_burst, now),
+                lagged: Vec::new(),
             },
         );
     }
@@ -315,6 +393,12 @@ impl Hub {
             return;
         }
         self.metrics.messages_received += 1;
+        self.saw_activity(conn, now);
+        if !self.take_rate_token(conn, now) {
+            self.refuse_for_rate(conn, text, now);
+            self.settle(now);
+            return;
+        }
         match protocol::parse_request(text) {
             Ok(request) => {
                 let id = request.id;
@@ -512,11 +596,13 @@ impl Hub {
     fn schedule_forget(&mut self, room_id: RoomId, now: Millis) {
         if let Some(room) = self.rooms.get_mut(room_id) {
             room.empty_since = Some(now);
-            self.empty_room_deadlines.push(Reverse((
+            self.timers.schedule(
                 now.saturating_add(EMPTY_ROOM_TTL_MS),
-                room_id,
-                room.life,
-            )));
+                Timer::ForgetRoom {
+                    room: room_id,
+                    life: room.life,
+                },
+            );
         }
     }
 
@@ -558,6 +644,8 @@ impl Hub {
             return;
         };
         let membership = session.memberships.swap_remove(position);
+        // No `lagged` for a room the connection has left (§11).
+        session.lagged.retain(|span| span.room != room_id);
         let user_id = session.user_id.clone();
         let user_json = session.user_json.clone();
         let Some(room) = self.rooms.get_mut(room_id) else {
@@ -637,7 +725,7 @@ impl Hub {
             }
             room.history.push_back((seq, frame.clone()));
         }
-        self.broadcast(room_id, &frame, Except::Nobody);
+        self.fan_out(room_id, &frame, Except::Nobody, Some(seq));
         seq
     }
 
@@ -685,12 +773,14 @@ impl Hub {
             };
             room.typing.insert(user_id.clone(), deadline);
             if deadline != Millis::MAX {
-                self.typing_deadlines.push(Reverse((
+                self.timers.schedule(
                     deadline,
-                    room_id,
-                    room.life,
-                    user_id.clone(),
-                )));
+                    Timer::Typing {
+                        room: room_id,
+                        life: room.life,
+                        user_id: user_id.clone(),
+                    },
+                );
             }
         } else {
             room.typing.remove(&user_id);
@@ -767,6 +857,13 @@ impl Hub {
         session.name = identity.name.into_boxed_str();
         session.access = identity.rooms;
         session.expires_at = identity.expires_at;
+        let serial = session.serial;
+        if let Some(expires_at) = identity.expires_at {
+            self.timers.schedule(
+                expires_at.saturating_mul(1000),
+                Timer::TokenExpiry { conn, serial },
+            );
+        }
         let frame = FrameBuilder::new("refreshed", id)
             .optional_number("exp", identity.expires_at)
             .finish();
@@ -816,67 +913,203 @@ impl Hub {
         }
     }
 
-    /// Runs what is due at `now`: typing expiry and forgetting empty rooms.
+    /// Runs what is due at `now`: heartbeats, pong deadlines, token expiry,
+    /// typing expiry and forgetting empty rooms.
     pub fn tick(&mut self, now: Millis) {
-        while let Some(Reverse((deadline, room_id, life, _))) = self.typing_deadlines.peek() {
-            if *deadline > now {
-                break;
-            }
-            let (deadline, room_id, life) = (*deadline, *room_id, *life);
-            let Some(Reverse((_, _, _, user_id))) = self.typing_deadlines.pop() else {
-                break;
-            };
-            let Some(room) = self.rooms.get_mut(room_id) else {
-                continue;
-            };
-            // A newer `typing` moved the deadline, or the state already ended.
-            if room.life != life || room.typing.get(&user_id) != Some(&deadline) {
-                continue;
-            }
-            room.typing.remove(&user_id);
-            let user_json = self
-                .users
-                .get(&user_id)
-                .and_then(|conns| conns.first())
-                .and_then(|&conn| self.session(conn))
-                .map(|session| session.user_json.clone());
-            if let (Some(user_json), Some(room)) = (user_json, self.rooms.get(room_id)) {
-                let frame = typing_frame(&room.name, &user_json, false);
-                self.broadcast(room_id, &frame, Except::User(&user_id));
+        let mut due = std::mem::take(&mut self.due);
+        self.timers.take_due(now, &mut due);
+        for timer in due.drain(..) {
+            match timer {
+                Timer::Typing {
+                    room,
+                    life,
+                    user_id,
+                } => self.expire_typing(room, life, &user_id, now),
+                Timer::ForgetRoom { room, life } => self.forget_room(room, life, now),
+                Timer::Heartbeat { conn, serial } => self.ping(conn, serial, now),
+                Timer::PongDue { conn, serial } => self.check_pong(conn, serial, now),
+                Timer::TokenExpiry { conn, serial } => self.check_token_expiry(conn, serial, now),
             }
         }
-        while let Some(Reverse((deadline, room_id, life))) = self.empty_room_deadlines.peek() {
-            if *deadline > now {
-                break;
-            }
-            let (room_id, life) = (*room_id, *life);
-            self.empty_room_deadlines.pop();
-            let forget = self.rooms.get(room_id).is_some_and(|room| {
-                room.life == life
-                    && room.members.is_empty()
-                    && room
-                        .empty_since
-                        .is_some_and(|since| since.saturating_add(EMPTY_ROOM_TTL_MS) <= now)
-            });
-            if forget {
-                let room = self.rooms.remove(room_id);
-                self.room_ids.remove(&room.name);
-            }
-        }
+        self.due = due;
         self.settle(now);
+    }
+
+    fn expire_typing(&mut self, room_id: RoomId, life: u64, user_id: &str, now: Millis) {
+        let Some(room) = self.rooms.get_mut(room_id) else {
+            return;
+        };
+        // A newer `typing` moved the deadline, or the state already ended.
+        let due = room
+            .typing
+            .get(user_id)
+            .is_some_and(|&deadline| deadline <= now);
+        if room.life != life || !due {
+            return;
+        }
+        room.typing.remove(user_id);
+        let user_json = self
+            .users
+            .get(user_id)
+            .and_then(|conns| conns.first())
+            .and_then(|&conn| self.session(conn))
+            .map(|session| session.user_json.clone());
+        if let (Some(user_json), Some(room)) = (user_json, self.rooms.get(room_id)) {
+            let frame = typing_frame(&room.name, &user_json, false);
+            self.broadcast(room_id, &frame, Except::User(user_id));
+        }
+    }
+
+    fn forget_room(&mut self, room_id: RoomId, life: u64, now: Millis) {
+        let forget = self.rooms.get(room_id).is_some_and(|room| {
+            room.life == life
+                && room.members.is_empty()
+                && room
+                    .empty_since
+                    .is_some_and(|since| since.saturating_add(EMPTY_ROOM_TTL_MS) <= now)
+        });
+        if forget {
+            let room = self.rooms.remove(room_id);
+            self.room_ids.remove(&room.name);
+        }
+    }
+
+    fn schedule_heartbeat(&mut self, conn: ConnId, serial: u64, at: Millis) {
+        if self.config.heartbeat_ms > 0 {
+            self.timers.schedule(
+                at.saturating_add(self.config.heartbeat_ms),
+                Timer::Heartbeat { conn, serial },
+            );
+        }
+    }
+
+    /// The live session on `conn`, if it is still the one with `serial`.
+    fn live_session_mut(&mut self, conn: ConnId, serial: u64) -> Option<&mut Session> {
+        self.session_mut(conn)
+            .filter(|session| session.serial == serial && !session.closing)
+    }
+
+    fn ping(&mut self, conn: ConnId, serial: u64, now: Millis) {
+        let Some(session) = self.live_session_mut(conn, serial) else {
+            return;
+        };
+        session.ping_sent_at = Some(now);
+        self.reply(conn, Bytes::from_static(PING_FRAME));
+        self.timers.schedule(
+            now.saturating_add(self.config.pong_timeout_ms),
+            Timer::PongDue { conn, serial },
+        );
+    }
+
+    fn check_pong(&mut self, conn: ConnId, serial: u64, now: Millis) {
+        let Some(session) = self.live_session_mut(conn, serial) else {
+            return;
+        };
+        let ping_sent_at = session.ping_sent_at.unwrap_or(now);
+        if session.last_seen >= ping_sent_at {
+            self.schedule_heartbeat(conn, serial, ping_sent_at);
+            return;
+        }
+        self.close(conn, 1011, "no answer to ping", now);
+    }
+
+    fn check_token_expiry(&mut self, conn: ConnId, serial: u64, now: Millis) {
+        let Some(session) = self.live_session_mut(conn, serial) else {
+            return;
+        };
+        // A `refresh` may have moved the expiry later; its own timer covers that.
+        if session
+            .expires_at
+            .is_some_and(|expires_at| expires_at.saturating_mul(1000) <= now)
+        {
+            self.close(conn, 4001, "token expired", now);
+        }
+    }
+
+    /// Decides to close a connection: it leaves its rooms now and the shell
+    /// sends the close frame.
+    fn close(&mut self, conn: ConnId, code: u16, reason: &'static str, now: Millis) {
+        self.closes.push(CloseRequest { conn, code, reason });
+        self.detach(conn, now);
+    }
+
+    /// The client sent a frame of any kind: a sign of life for the heartbeat.
+    pub fn saw_activity(&mut self, conn: ConnId, now: Millis) {
+        if let Some(session) = self.session_mut(conn) {
+            session.last_seen = now;
+        }
+    }
+
+    /// The shell wrote some of the connection's queue. Once it is back at or
+    /// under the soft mark, the connection learns which messages it missed.
+    pub fn drained(&mut self, conn: ConnId) {
+        let soft = self.config.marks.soft;
+        let Some(session) = self.session_mut(conn) else {
+            return;
+        };
+        if session.lagged.is_empty() || session.outbound.len() > soft || session.closing {
+            return;
+        }
+        let spans = std::mem::take(&mut session.lagged);
+        for span in spans {
+            let Some(room) = self.rooms.get(span.room) else {
+                continue;
+            };
+            let frame = FrameBuilder::new("lagged", None)
+                .string("room", &room.name)
+                .number("from_seq", span.from_seq)
+                .number("to_seq", span.to_seq)
+                .finish();
+            self.reply(conn, frame);
+        }
+    }
+
+    fn take_rate_token(&mut self, conn: ConnId, now: Millis) -> bool {
+        let (rate, burst) = (self.config.rate_limit, self.config.rate_burst);
+        let Some(session) = self.session_mut(conn) else {
+            return false;
+        };
+        if rate == 0 {
+            return true;
+        }
+        let bucket = &mut session.rate;
+        let elapsed = now.saturating_sub(bucket.updated) as f64 / 1000.0;
+        bucket.tokens = (bucket.tokens + elapsed * f64::from(rate)).min(f64::from(burst.max(1)));
+        bucket.updated = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            bucket.refused_in_a_row = 0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Answers a message over the rate with `rate_limited` (echoing its id when
+    /// readable); `2 × --rate-burst` refusals in a row close with 1008.
+    fn refuse_for_rate(&mut self, conn: ConnId, text: &str, now: Millis) {
+        let limit = self.config.rate_burst.max(1).saturating_mul(2);
+        let Some(session) = self.session_mut(conn) else {
+            return;
+        };
+        session.rate.refused_in_a_row += 1;
+        let flooding = session.rate.refused_in_a_row >= limit;
+        let id = match protocol::parse_request(text) {
+            Ok(request) => request.id,
+            Err(error) => error.id,
+        };
+        self.reply(
+            conn,
+            error_frame(id, ErrorCode::RateLimited, "too many messages; slow down"),
+        );
+        if flooding {
+            self.close(conn, 1008, "rate limit exceeded", now);
+        }
     }
 
     /// When `tick` next has work, if ever.
     pub fn next_deadline(&self) -> Option<Millis> {
-        let typing = self.typing_deadlines.peek().map(|Reverse(entry)| entry.0);
-        let rooms = self
-            .empty_room_deadlines
-            .peek()
-            .map(|Reverse(entry)| entry.0);
-        match (typing, rooms) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        self.timers.next_due()
     }
 
     /// Rooms the hub knows, members or not (for tests and metrics).
@@ -909,6 +1142,18 @@ impl Hub {
 
     /// Queues the same frame bytes to every member of the room, except whom `except` names.
     fn broadcast(&mut self, room_id: RoomId, frame: &Bytes, except: Except<'_>) -> usize {
+        self.fan_out(room_id, frame, except, None)
+    }
+
+    /// As `broadcast`; for a `message` with its `seq`, members that drop it
+    /// remember the seq for their `lagged` notice.
+    fn fan_out(
+        &mut self,
+        room_id: RoomId,
+        frame: &Bytes,
+        except: Except<'_>,
+        seq: Option<u64>,
+    ) -> usize {
         let marks = self.config.marks;
         let Some(room) = self.rooms.get(room_id) else {
             return 0;
@@ -934,6 +1179,17 @@ impl Hub {
                 &mut self.metrics,
             ) {
                 delivered += 1;
+            } else if let Some(seq) = seq
+                && !session.closing
+            {
+                match session.lagged.iter_mut().find(|span| span.room == room_id) {
+                    Some(span) => span.to_seq = seq,
+                    None => session.lagged.push(LaggedSpan {
+                        room: room_id,
+                        from_seq: seq,
+                        to_seq: seq,
+                    }),
+                }
             }
         }
         delivered
@@ -943,12 +1199,7 @@ impl Hub {
     /// `user_left` and so evict more; runs until nothing is left.
     fn settle(&mut self, now: Millis) {
         while let Some(conn) = self.evicted.pop() {
-            self.closes.push(CloseRequest {
-                conn,
-                code: 4000,
-                reason: "slow consumer",
-            });
-            self.detach(conn, now);
+            self.close(conn, 4000, "slow consumer", now);
         }
     }
 

@@ -25,7 +25,11 @@ fn config() -> HubConfig {
         history: 100,
         max_rooms_per_connection: 3,
         typing_timeout_ms: TYPING_TIMEOUT_MS,
-        heartbeat_ms: 30_000,
+        // Heartbeats have their own tests; the others move the clock by minutes.
+        heartbeat_ms: 0,
+        pong_timeout_ms: 10_000,
+        rate_limit: 0,
+        rate_burst: 100,
         marks: Marks {
             soft: 256 * 1024,
             hard: 4 * 1024 * 1024,
@@ -114,6 +118,12 @@ fn split_frames(mut bytes: &[u8]) -> Vec<String> {
     let mut payloads = Vec::new();
     while !bytes.is_empty() {
         assert!(bytes.len() >= 2, "truncated frame header");
+        if bytes[0] == 0x89 {
+            // A heartbeat ping: not an application frame.
+            assert_eq!(bytes[1], 0, "pings carry no payload");
+            bytes = &bytes[2..];
+            continue;
+        }
         assert_eq!(bytes[0], 0x81, "a final, unfragmented text frame");
         assert_eq!(bytes[1] & 0x80, 0, "server frames are not masked");
         let (header, len) = match bytes[1] {
@@ -212,7 +222,7 @@ fn refresh_request(token: &str) -> String {
 
 #[test]
 fn welcome_carries_connection_id_user_heartbeat_and_server_time() {
-    let mut hub = new_hub();
+    let mut hub = hub_with(|config| config.heartbeat_ms = 30_000);
     hub.connect(0, identity("alice"), None, NOW);
     hub.connect(1, identity("alice"), None, NOW + 1);
     let first = drain(&mut hub, 0);
@@ -1861,27 +1871,182 @@ fn crossing_the_hard_mark_closes_with_4000_and_leaves_the_rooms() {
 }
 
 #[test]
-#[ignore = "bug: the hub never sends `lagged` (PROTOCOL §5/§8/§11); it records no dropped seqs and has no drained-queue hook"]
 fn lagged_follows_once_a_slow_consumer_drains() {
     let mut hub = hub_with(|config| config.marks = SMALL_MARKS);
     let held = bob_above_soft(&mut hub);
     for _ in 0..3 {
         send(&mut hub, 0, &message("lobby", r#""dropped""#));
     }
+    hub.drained(1);
+    assert!(
+        !types(&peek(&mut hub, 1)).contains(&"lagged"),
+        "no notice while still above the soft mark"
+    );
     // The shell writes bob's queue out; it is back under the soft mark.
     hub.outbound_mut(1).unwrap().clear();
-    hub.mark_dirty(1);
-    hub.tick(NOW + 1);
-    send(&mut hub, 0, &message("lobby", r#""after""#));
+    hub.drained(1);
     let bob = drain(&mut hub, 1);
-    let lagged = bob
-        .iter()
-        .find(|f| f["type"] == "lagged")
-        .expect("a lagged frame for the dropped messages");
     assert_eq!(
-        lagged["payload"],
-        json!({"room": "lobby", "from_seq": held + 1, "to_seq": held + 3})
+        bob,
+        [
+            json!({"type": "lagged", "payload": {"room": "lobby", "from_seq": held + 1, "to_seq": held + 3}})
+        ]
     );
+    hub.drained(1);
+    assert!(drain(&mut hub, 1).is_empty(), "one notice per gap");
+    send(&mut hub, 0, &message("lobby", r#""after""#));
+    assert_eq!(types(&drain(&mut hub, 1)), ["message"]);
+}
+
+#[test]
+fn no_lagged_for_a_room_the_connection_left() {
+    let mut hub = hub_with(|config| config.marks = SMALL_MARKS);
+    bob_above_soft(&mut hub);
+    send(&mut hub, 0, &message("lobby", r#""dropped""#));
+    send(
+        &mut hub,
+        1,
+        r#"{"type":"leave","payload":{"room":"lobby"}}"#,
+    );
+    hub.outbound_mut(1).unwrap().clear();
+    hub.drained(1);
+    assert!(drain(&mut hub, 1).is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// heartbeat, token expiry, rate limit
+// ---------------------------------------------------------------------------
+
+/// Whether the connection's queue holds a server ping.
+fn has_ping(hub: &mut Hub, conn: ConnId) -> bool {
+    hub.outbound_mut(conn)
+        .unwrap()
+        .to_vec()
+        .windows(2)
+        .any(|w| w == [0x89, 0x00])
+}
+
+#[test]
+fn a_silent_connection_is_pinged_then_closed_with_1011() {
+    let mut hub = hub_with(|config| {
+        config.heartbeat_ms = 1000;
+        config.pong_timeout_ms = 500;
+    });
+    connect(&mut hub, 0, "alice");
+    connect(&mut hub, 1, "bob");
+    drain_all(&mut hub, &[0, 1]);
+    assert_eq!(hub.next_deadline(), Some(NOW + 1000));
+    hub.tick(NOW + 999);
+    assert!(!has_ping(&mut hub, 0));
+    hub.tick(NOW + 1000);
+    assert!(has_ping(&mut hub, 0) && has_ping(&mut hub, 1));
+    drain_all(&mut hub, &[0, 1]);
+    // alice answers (any frame counts); bob stays silent.
+    hub.saw_activity(0, NOW + 1200);
+    hub.tick(NOW + 1500);
+    assert_eq!(
+        closes(&mut hub),
+        [CloseRequest {
+            conn: 1,
+            code: 1011,
+            reason: "no answer to ping"
+        }]
+    );
+    // alice's next ping comes a heartbeat after the previous one.
+    hub.tick(NOW + 1999);
+    assert!(!has_ping(&mut hub, 0));
+    hub.tick(NOW + 2000);
+    assert!(has_ping(&mut hub, 0));
+    assert!(!has_ping(&mut hub, 1), "a closed connection is not pinged");
+}
+
+#[test]
+fn a_heartbeat_of_zero_sends_no_pings() {
+    let mut hub = new_hub();
+    connect(&mut hub, 0, "alice");
+    drain(&mut hub, 0);
+    hub.tick(NOW + 3_600_000);
+    assert!(!has_ping(&mut hub, 0));
+    assert!(closes(&mut hub).is_empty());
+}
+
+#[test]
+fn an_expired_token_closes_with_4001_unless_refreshed() {
+    let mut hub = new_hub();
+    let expires = NOW / 1000 + 60;
+    let mut alice = identity("alice");
+    alice.expires_at = Some(expires);
+    hub.connect(0, alice, None, NOW);
+    let mut bob = identity("bob");
+    bob.expires_at = Some(expires);
+    hub.connect(1, bob, None, NOW);
+    drain_all(&mut hub, &[0, 1]);
+    let later = token(TokenClaims {
+        sub: "alice".into(),
+        expires_at: Some(expires + 3600),
+        ..Default::default()
+    });
+    send(
+        &mut hub,
+        0,
+        &format!(r#"{{"type":"refresh","payload":{{"token":"{later}"}}}}"#),
+    );
+    assert_eq!(types(&drain(&mut hub, 0)), ["refreshed"]);
+    hub.tick(expires * 1000 - 1);
+    assert!(closes(&mut hub).is_empty(), "not before exp");
+    hub.tick(expires * 1000);
+    assert_eq!(
+        closes(&mut hub),
+        [CloseRequest {
+            conn: 1,
+            code: 4001,
+            reason: "token expired"
+        }]
+    );
+    hub.tick((expires + 3600) * 1000);
+    assert_eq!(
+        closes(&mut hub)[0].code,
+        4001,
+        "the refreshed token expires too"
+    );
+}
+
+#[test]
+fn over_the_rate_messages_are_refused_and_a_flood_is_closed() {
+    let mut hub = hub_with(|config| {
+        config.rate_limit = 10;
+        config.rate_burst = 3;
+    });
+    connect(&mut hub, 0, "alice");
+    join(&mut hub, 0, "lobby");
+    drain(&mut hub, 0);
+    // The join took one of the three tokens.
+    for i in 0..2 {
+        send(&mut hub, 0, &format!(r#"{{"type":"ping","id":{i}}}"#));
+    }
+    assert_eq!(types(&drain(&mut hub, 0)), ["pong", "pong"]);
+    send(
+        &mut hub,
+        0,
+        r#"{"type":"message","id":"m","payload":{"room":"lobby","content":1}}"#,
+    );
+    let refused = drain(&mut hub, 0);
+    assert_eq!(refused[0]["type"], "error");
+    assert_eq!(refused[0]["id"], "m");
+    assert_eq!(refused[0]["payload"]["code"], "rate_limited");
+    // A tenth of a second later one token is back.
+    send_at(&mut hub, 0, r#"{"type":"ping"}"#, NOW + 100);
+    assert_eq!(types(&drain(&mut hub, 0)), ["pong"]);
+    // 2 × burst refusals in a row close the connection with 1008.
+    for _ in 0..5 {
+        send_at(&mut hub, 0, r#"{"type":"ping"}"#, NOW + 100);
+    }
+    assert!(closes(&mut hub).is_empty());
+    send_at(&mut hub, 0, r#"{"type":"ping"}"#, NOW + 100);
+    assert_eq!(closes(&mut hub)[0].code, 1008);
+    // The refused message took no seq.
+    connect(&mut hub, 1, "bob");
+    assert_eq!(join(&mut hub, 1, "lobby")["seq"], 0);
 }
 
 // ---------------------------------------------------------------------------

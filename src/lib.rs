@@ -12,3 +12,4 @@ pub mod metrics;
 pub mod outbound;
 pub mod protocol;
 pub mod server;
+pub mod timers;

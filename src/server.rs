@@ -179,6 +179,9 @@ impl Server {
             max_rooms_per_connection: args.max_rooms_per_connection,
             typing_timeout_ms: args.typing_timeout_ms,
             heartbeat_ms: args.heartbeat_ms,
+            pong_timeout_ms: args.pong_timeout_ms,
+            rate_limit: args.rate_limit,
+            rate_burst: args.rate_burst,
             marks: Marks {
                 soft: args.write_buffer_soft,
                 hard: args.write_buffer_hard,
@@ -436,7 +439,7 @@ impl Server {
                 let upgrade = Bytes::from(response);
                 match endpoint {
                     Endpoint::Echo => {
-                        self.hub.connect_echo(key);
+                        self.hub.connect_echo(key, now);
                         if let Some(queue) = self.hub.outbound_mut(key) {
                             queue.push(upgrade);
                         }
@@ -528,6 +531,7 @@ impl Server {
             };
             let result = context.read(&mut stream);
             let queued_reply = !stream.queue.is_empty();
+            let alive = result.is_ok();
             match result {
                 Ok(Message::Text(text)) if echo => {
                     let _ = context.write(&mut stream, Message::Text(text));
@@ -612,6 +616,9 @@ impl Server {
                     return;
                 }
             }
+            if alive {
+                self.hub.saw_activity(key, now);
+            }
         }
     }
 
@@ -695,6 +702,9 @@ impl Server {
         match queue.write_to(&mut connection.socket) {
             Ok(written) => {
                 self.hub.metrics_mut().bytes_sent += written as u64;
+                if written > 0 {
+                    self.hub.drained(key);
+                }
             }
             Err(error) => {
                 debug!(

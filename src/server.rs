@@ -7,8 +7,6 @@
 //! [`handshake`](crate::handshake) answers request heads, tungstenite parses
 //! frames, the [`Hub`] decides what every connection is sent.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -29,6 +27,7 @@ use crate::config::ServerArgs;
 use crate::handshake::{self, Decision, Endpoint, HttpRoute, Policy, RejectReason};
 use crate::hub::{CloseRequest, ConnId, Hub, HubConfig, Millis};
 use crate::outbound::{Marks, OutboundQueue};
+use crate::timers::Deadlines;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
@@ -44,7 +43,18 @@ const CLOSE_LINGER_MS: Millis = 1000;
 const SUMMARY_INTERVAL_MS: Millis = 60_000;
 
 /// The most a shutdown waits for clients to take their close frames.
-const SHUTDOWN_FLUSH_MS: Millis = 2000;
+const SHUTDOWN_FLUSH_MS: Millis = 1500;
+
+/// How long accepting pauses after EMFILE/ENFILE.
+const ACCEPT_PAUSE_MS: Millis = 100;
+
+/// Linux `EMFILE` and `ENFILE`: the process or the system is out of file descriptors.
+const EMFILE: i32 = 24;
+const ENFILE: i32 = 23;
+
+fn is_out_of_descriptors(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(EMFILE | ENFILE))
+}
 
 /// Demo tokens live a day (§11).
 const DEMO_TOKEN_TTL_SECS: u64 = 24 * 60 * 60;
@@ -138,12 +148,25 @@ pub struct Server {
     args: ServerArgs,
     local_address: SocketAddr,
     websocket_config: WebSocketConfig,
-    /// (deadline, connection key): lazily invalidated against `Connection::deadline`.
-    deadlines: BinaryHeap<Reverse<(Millis, usize)>>,
+    /// Connection deadlines and drain closes; checked against the connection when they fire.
+    timers: Deadlines<ServerTimer>,
+    due: Vec<ServerTimer>,
     /// Connections whose HTTP answer waits to be written.
     http_dirty: Vec<usize>,
     to_free: Vec<usize>,
+    /// When the process exits, once a signal asked it to stop.
     shutting_down: Option<Millis>,
+    /// Accepting is paused until then after the process ran out of file descriptors.
+    accept_paused_until: Option<Millis>,
+}
+
+/// What a server timer is for.
+#[derive(Debug, Clone, Copy)]
+enum ServerTimer {
+    /// The connection's `deadline` may have passed (handshake, close linger).
+    Deadline(usize),
+    /// This connection's turn to be closed during the drain.
+    DrainClose(usize),
 }
 
 impl Server {
@@ -199,7 +222,9 @@ impl Server {
             args,
             local_address,
             websocket_config,
-            deadlines: BinaryHeap::new(),
+            timers: Deadlines::new(),
+            due: Vec::new(),
+            accept_paused_until: None,
             http_dirty: Vec::new(),
             to_free: Vec::new(),
             shutting_down: None,
@@ -257,6 +282,9 @@ impl Server {
                 }
                 self.apply_hub_closes(&mut closes, now);
             }
+            if self.accept_paused_until.is_some_and(|until| now >= until) {
+                self.accept(now);
+            }
             self.hub.tick(now);
             self.run_deadlines(now);
             self.apply_hub_closes(&mut closes, now);
@@ -284,8 +312,11 @@ impl Server {
         if let Some(deadline) = self.hub.next_deadline() {
             wake = wake.min(deadline);
         }
-        if let Some(Reverse((deadline, _))) = self.deadlines.peek() {
-            wake = wake.min(*deadline);
+        if let Some(deadline) = self.timers.next_due() {
+            wake = wake.min(deadline);
+        }
+        if let Some(until) = self.accept_paused_until {
+            wake = wake.min(until);
         }
         if let Some(deadline) = self.shutting_down {
             wake = wake.min(deadline);
@@ -294,6 +325,12 @@ impl Server {
     }
 
     fn accept(&mut self, now: Millis) {
+        if self.accept_paused_until.is_some_and(|until| now < until) {
+            return;
+        }
+        if self.accept_paused_until.take().is_some() {
+            debug!("resuming accepts");
+        }
         loop {
             let Some(listener) = self.listener.as_ref() else {
                 return;
@@ -323,14 +360,26 @@ impl Server {
                         freeing: false,
                         peer,
                     });
-                    self.deadlines.push(Reverse((deadline, key)));
+                    self.timers.schedule(deadline, ServerTimer::Deadline(key));
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) if is_out_of_descriptors(&error) => {
+                    // The pending connections stay in the backlog; retrying now would
+                    // spin. Pause, and let the poll timeout bring us back.
+                    if self.accept_paused_until.is_none() {
+                        warn!(
+                            "accept failed: {error}; pausing accepts for {ACCEPT_PAUSE_MS} ms ({} connections open)",
+                            self.connections.len()
+                        );
+                    }
+                    self.accept_paused_until = Some(now + ACCEPT_PAUSE_MS);
+                    return;
+                }
                 Err(error) => {
                     // ECONNABORTED and friends concern one peer; the listener lives on.
                     debug!("accept failed: {error}");
-                    return;
+                    continue;
                 }
             }
         }
@@ -580,7 +629,8 @@ impl Server {
                 Err(tungstenite::Error::ConnectionClosed) => {
                     connection.close_when_flushed = true;
                     connection.deadline = Some(now + CLOSE_LINGER_MS);
-                    self.deadlines.push(Reverse((now + CLOSE_LINGER_MS, key)));
+                    self.timers
+                        .schedule(now + CLOSE_LINGER_MS, ServerTimer::Deadline(key));
                     self.hub.disconnect(key, now);
                     self.hub.mark_dirty(key);
                     if self.hub.outbound_mut(key).is_none_or(|q| q.is_empty()) {
@@ -651,7 +701,7 @@ impl Server {
         connection.close_when_flushed = true;
         let deadline = now + CLOSE_LINGER_MS;
         connection.deadline = Some(deadline);
-        self.deadlines.push(Reverse((deadline, key)));
+        self.timers.schedule(deadline, ServerTimer::Deadline(key));
         self.hub.mark_dirty(key);
     }
 
@@ -736,7 +786,7 @@ impl Server {
         if connection.deadline.is_none() {
             let deadline = now_ms() + CLOSE_LINGER_MS;
             connection.deadline = Some(deadline);
-            self.deadlines.push(Reverse((deadline, key)));
+            self.timers.schedule(deadline, ServerTimer::Deadline(key));
         }
         // The hub's part ended with the close; its queue is no longer needed.
         self.hub.release(key, now_ms());
@@ -761,31 +811,38 @@ impl Server {
     }
 
     fn run_deadlines(&mut self, now: Millis) {
-        while let Some(Reverse((deadline, key))) = self.deadlines.peek().copied() {
-            if deadline > now {
-                break;
+        let mut due = std::mem::take(&mut self.due);
+        self.timers.take_due(now, &mut due);
+        for timer in due.drain(..) {
+            match timer {
+                ServerTimer::Deadline(key) => self.deadline_passed(key, now),
+                ServerTimer::DrainClose(key) => self.drain_close(key, now),
             }
-            self.deadlines.pop();
-            let Some(connection) = self.connections.get_mut(key) else {
-                continue;
-            };
-            if connection.deadline != Some(deadline) || connection.freeing {
-                continue;
-            }
-            if let Phase::Http { .. } = connection.phase {
-                if !connection.close_when_flushed {
-                    self.hub.metrics_mut().reject(RejectReason::Timeout);
-                    debug!(
-                        "connection {key} ({}): handshake timed out",
-                        connection.peer
-                    );
-                }
-            } else {
-                debug!("connection {key}: close did not complete in time");
-            }
-            self.hub.disconnect(key, now);
-            self.schedule_free(key);
         }
+        self.due = due;
+    }
+
+    fn deadline_passed(&mut self, key: usize, now: Millis) {
+        let Some(connection) = self.connections.get_mut(key) else {
+            return;
+        };
+        let passed = connection.deadline.is_some_and(|deadline| deadline <= now);
+        if !passed || connection.freeing {
+            return;
+        }
+        if let Phase::Http { .. } = connection.phase {
+            if !connection.close_when_flushed {
+                self.hub.metrics_mut().reject(RejectReason::Timeout);
+                debug!(
+                    "connection {key} ({}): handshake timed out",
+                    connection.peer
+                );
+            }
+        } else {
+            debug!("connection {key}: close did not complete in time");
+        }
+        self.hub.disconnect(key, now);
+        self.schedule_free(key);
     }
 
     fn schedule_free(&mut self, key: usize) {
@@ -809,6 +866,9 @@ impl Server {
         }
     }
 
+    /// SIGINT/SIGTERM: stop accepting, then close every client with 1001,
+    /// one after another in random order spread evenly over `--drain-ms`, so
+    /// that they do not all reconnect at once (§8, §11).
     fn on_signal(&mut self, now: Millis) {
         let mut stop = false;
         for signal in self.signals.pending() {
@@ -818,29 +878,52 @@ impl Server {
             return;
         }
         info!(
-            "signal received: closing {} connection(s)",
-            self.hub.connection_count()
+            "signal received: draining {} connection(s) over {} ms",
+            self.hub.connection_count(),
+            self.args.drain_ms
         );
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
-        self.shutting_down = Some(now + SHUTDOWN_FLUSH_MS);
+        let drain_ms = self.args.drain_ms;
+        self.shutting_down = Some(now + drain_ms + SHUTDOWN_FLUSH_MS);
+        let mut websockets = Vec::new();
         let keys: Vec<usize> = self.connections.iter().map(|(key, _)| key).collect();
         for key in keys {
             let Some(connection) = self.connections.get(key) else {
                 continue;
             };
             match connection.phase {
-                Phase::WebSocket { .. } if !connection.close_when_flushed => {
-                    let retry_ms = random_below(self.args.drain_ms.saturating_add(1));
-                    let reason = format!("server shutting down; retry_ms={retry_ms}");
-                    self.hub.disconnect(key, now);
-                    self.close_websocket(key, CloseCode::Away, reason.into(), now);
-                }
+                Phase::WebSocket { .. } if !connection.close_when_flushed => websockets.push(key),
                 Phase::Http { .. } if !connection.close_when_flushed => self.schedule_free(key),
                 _ => {}
             }
         }
+        shuffle(&mut websockets);
+        let count = websockets.len() as u64;
+        for (index, key) in websockets.into_iter().enumerate() {
+            let at = now + (index as u64).saturating_mul(drain_ms) / count.max(1);
+            if at <= now {
+                self.drain_close(key, now);
+            } else {
+                self.timers.schedule(at, ServerTimer::DrainClose(key));
+            }
+        }
+    }
+
+    fn drain_close(&mut self, key: usize, now: Millis) {
+        let open = self.connections.get(key).is_some_and(|connection| {
+            matches!(connection.phase, Phase::WebSocket { .. })
+                && !connection.close_when_flushed
+                && !connection.freeing
+        });
+        if !open {
+            return;
+        }
+        let retry_ms = random_below(self.args.drain_ms.saturating_add(1));
+        let reason = format!("server shutting down; retry_ms={retry_ms}");
+        self.hub.disconnect(key, now);
+        self.close_websocket(key, CloseCode::Away, reason.into(), now);
     }
 
     fn log_summary(&self, previous: &crate::metrics::Metrics) {
@@ -854,6 +937,14 @@ impl Server {
             metrics.messages_dropped - previous.messages_dropped,
             metrics.bytes_sent - previous.bytes_sent,
         );
+    }
+}
+
+/// Fisher–Yates with OS randomness: the drain order must not favour early connections.
+fn shuffle(items: &mut [usize]) {
+    for index in (1..items.len()).rev() {
+        let other = random_below(index as u64 + 1) as usize;
+        items.swap(index, other);
     }
 }
 

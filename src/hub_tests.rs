@@ -2273,6 +2273,9 @@ fn membership_stays_consistent_under_churn() {
                 .filter(|&c| open[c].as_ref().is_some_and(|rooms| rooms.contains(&room)))
                 .collect()
         };
+        if let Err(broken) = hub.check_invariants() {
+            panic!("step {step}: {broken}");
+        }
         assert_eq!(
             hub.connection_count(),
             open.iter().flatten().count(),

@@ -87,12 +87,23 @@ impl OutboundQueue {
         }
     }
 
-    /// Forgets everything queued (a connection crossing the hard mark).
+    /// Forgets everything queued (a connection crossing the hard mark), except
+    /// the rest of a frame already partly written: cutting it would make the
+    /// next frame's bytes part of its payload.
     pub fn clear(&mut self) {
+        let partial = match self.chunks.pop_front() {
+            Some(head) if self.head_written > 0 => {
+                head.get(self.head_written..).map(Bytes::copy_from_slice)
+            }
+            _ => None,
+        };
         self.chunks.clear();
         self.head_written = 0;
         self.queued = 0;
         self.shrink();
+        if let Some(rest) = partial {
+            self.push(rest);
+        }
     }
 
     /// Writes as much as `writer` takes: repeated vectored writes until the
@@ -285,6 +296,26 @@ mod tests {
         );
         queue.clear();
         assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn clearing_keeps_the_rest_of_a_half_written_frame() {
+        let mut queue = OutboundQueue::new();
+        queue.push(Bytes::from_static(b"frame-one"));
+        queue.push(Bytes::from_static(b"frame-two"));
+        let mut writer = Throttled {
+            taken: Vec::new(),
+            budget: 4,
+            calls: 0,
+        };
+        queue.write_to(&mut writer).unwrap();
+        queue.clear();
+        assert_eq!(queue.to_vec(), b"e-one");
+        assert_eq!(queue.len(), 5);
+        let mut untouched = OutboundQueue::new();
+        untouched.push(Bytes::from_static(b"frame-one"));
+        untouched.clear();
+        assert!(untouched.is_empty());
     }
 
     #[test]

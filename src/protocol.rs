@@ -279,9 +279,8 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
             let since = match p.since {
                 None => None,
                 Some(raw) => Some(
-                    raw.get()
-                        .parse::<u64>()
-                        .map_err(|_| invalid("`since` must be a non-negative integer", id))?,
+                    parse_since(raw.get())
+                        .ok_or_else(|| invalid("`since` must be a non-negative integer", id))?,
                 ),
             };
             let epoch = match p.epoch {
@@ -340,6 +339,15 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
         }
     };
     Ok(Request { id, body })
+}
+
+/// A non-negative JSON integer; one beyond `u64` is still an integer, larger
+/// than any seq, so it saturates instead of being refused.
+fn parse_since(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(text.parse::<u64>().unwrap_or(u64::MAX))
 }
 
 /// `Ok(None)` for `null`; a string of at most 256 bytes or a number is kept raw.

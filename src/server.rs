@@ -32,9 +32,14 @@ use crate::timers::Deadlines;
 const LISTENER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
 
-/// tungstenite's 128 KiB default would be allocated (and zeroed) per connection;
-/// larger messages still arrive, the codec reserves a frame's full length.
-const READ_BUFFER_SIZE: usize = 4096;
+/// tungstenite's own buffer per connection. Its 128 KiB default would be
+/// allocated (and zeroed) per connection; the socket is read into the loop's
+/// shared buffer instead, and tungstenite copies from there in steps of this
+/// size. Larger messages still arrive: the codec reserves a frame's full length.
+const CODEC_BUFFER_SIZE: usize = 256;
+
+/// The loop's one socket read buffer, shared by every connection in turn.
+const SHARED_INPUT_SIZE: usize = 64 * 1024;
 
 /// How long a closing connection may take to flush its close frame and hang up.
 const CLOSE_LINGER_MS: Millis = 1000;
@@ -104,17 +109,57 @@ struct Connection {
     peer: SocketAddr,
 }
 
+/// Bytes read from one socket and not yet taken by its codec. One buffer
+/// serves every connection in turn: a connection's read loop runs until the
+/// socket would block, which happens only once this buffer is empty.
+struct SharedInput {
+    buffer: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl SharedInput {
+    fn new() -> Self {
+        SharedInput {
+            buffer: vec![0; SHARED_INPUT_SIZE].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Forgets what a previous connection left (it was closing).
+    fn reset(&mut self) {
+        self.start = 0;
+        self.end = 0;
+    }
+}
+
 /// Reads from the socket, writes into the connection's outbound queue: tungstenite
 /// parses frames from the first and its automatic replies land in the second, in
 /// order with everything else, so only the loop ever writes to the socket.
 struct QueueStream<'a> {
     socket: &'a mut TcpStream,
+    input: &'a mut SharedInput,
     queue: &'a mut OutboundQueue,
 }
 
 impl Read for QueueStream<'_> {
+    /// One `read` syscall fills the shared buffer; the codec's small reads
+    /// are then copies from it.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.socket.read(buf)
+        let input = &mut *self.input;
+        if input.start >= input.end {
+            input.reset();
+            let read = self.socket.read(&mut input.buffer)?;
+            input.end = read;
+        }
+        let available = input.buffer.get(input.start..input.end).unwrap_or_default();
+        let count = available.len().min(buf.len());
+        if let (Some(target), Some(source)) = (buf.get_mut(..count), available.get(..count)) {
+            target.copy_from_slice(source);
+        }
+        input.start += count;
+        Ok(count)
     }
 }
 
@@ -151,6 +196,8 @@ pub struct Server {
     /// Connection deadlines and drain closes; checked against the connection when they fire.
     timers: Deadlines<ServerTimer>,
     due: Vec<ServerTimer>,
+    /// The socket read buffer shared by all connections.
+    input: SharedInput,
     /// Connections whose HTTP answer waits to be written.
     http_dirty: Vec<usize>,
     to_free: Vec<usize>,
@@ -193,7 +240,7 @@ impl Server {
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let max_message = args.max_message_bytes();
         let websocket_config = WebSocketConfig::default()
-            .read_buffer_size(READ_BUFFER_SIZE)
+            .read_buffer_size(CODEC_BUFFER_SIZE)
             .write_buffer_size(0)
             .max_message_size(Some(max_message))
             .max_frame_size(Some(max_message));
@@ -222,6 +269,7 @@ impl Server {
             args,
             local_address,
             websocket_config,
+            input: SharedInput::new(),
             timers: Deadlines::new(),
             due: Vec::new(),
             accept_paused_until: None,
@@ -560,6 +608,7 @@ impl Server {
 
     /// Reads frames until the socket would block, handing each message on.
     fn read_websocket(&mut self, key: usize, now: Millis) {
+        self.input.reset();
         loop {
             let Some(connection) = self.connections.get_mut(key) else {
                 return;
@@ -576,6 +625,7 @@ impl Server {
             };
             let mut stream = QueueStream {
                 socket: &mut connection.socket,
+                input: &mut self.input,
                 queue,
             };
             let result = context.read(&mut stream);
@@ -694,6 +744,7 @@ impl Server {
         {
             let mut stream = QueueStream {
                 socket: &mut connection.socket,
+                input: &mut self.input,
                 queue,
             };
             let _ = context.close(&mut stream, Some(CloseFrame { code, reason }));

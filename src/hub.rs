@@ -111,8 +111,12 @@ enum Timer {
     ForgetRoom { room: RoomId, life: u64 },
     /// Time to ping the connection.
     Heartbeat { conn: ConnId, serial: u64 },
-    /// The ping's answer is due.
-    PongDue { conn: ConnId, serial: u64 },
+    /// The answer to the ping sent at `sent_at` is due.
+    PongDue {
+        conn: ConnId,
+        serial: u64,
+        sent_at: Millis,
+    },
     /// The token may have expired.
     TokenExpiry { conn: ConnId, serial: u64 },
 }
@@ -144,8 +148,6 @@ struct Session {
     echo: bool,
     /// When the client last sent any frame.
     last_seen: Millis,
-    /// When the outstanding ping was sent.
-    ping_sent_at: Option<Millis>,
     rate: RateBucket,
     lagged: Vec<LaggedSpan>,
 }
@@ -278,7 +280,6 @@ impl Hub {
             closing: false,
             echo: false,
             last_seen: now,
-            ping_sent_at: None,
             rate: RateBucket::full(self.config.rate_burst, now),
             lagged: Vec::new(),
         };
@@ -333,7 +334,6 @@ impl Hub {
                 closing: false,
                 echo: true,
                 last_seen: now,
-                ping_sent_at: None,
                 rate: RateBucket::full(self.config.rate_burst, now),
                 lagged: Vec::new(),
             },
@@ -927,7 +927,11 @@ impl Hub {
                 } => self.expire_typing(room, life, &user_id, now),
                 Timer::ForgetRoom { room, life } => self.forget_room(room, life, now),
                 Timer::Heartbeat { conn, serial } => self.ping(conn, serial, now),
-                Timer::PongDue { conn, serial } => self.check_pong(conn, serial, now),
+                Timer::PongDue {
+                    conn,
+                    serial,
+                    sent_at,
+                } => self.check_pong(conn, serial, sent_at, now),
                 Timer::TokenExpiry { conn, serial } => self.check_token_expiry(conn, serial, now),
             }
         }
@@ -989,28 +993,32 @@ impl Hub {
             .filter(|session| session.serial == serial && !session.closing)
     }
 
+    /// Sends a ping, and schedules both its deadline and the next ping, so
+    /// pings come every heartbeat whatever the pong timeout.
     fn ping(&mut self, conn: ConnId, serial: u64, now: Millis) {
-        let Some(session) = self.live_session_mut(conn, serial) else {
+        if self.live_session_mut(conn, serial).is_none() {
             return;
-        };
-        session.ping_sent_at = Some(now);
+        }
         self.reply(conn, Bytes::from_static(PING_FRAME));
         self.timers.schedule(
             now.saturating_add(self.config.pong_timeout_ms),
-            Timer::PongDue { conn, serial },
+            Timer::PongDue {
+                conn,
+                serial,
+                sent_at: now,
+            },
         );
+        self.schedule_heartbeat(conn, serial, now);
     }
 
-    fn check_pong(&mut self, conn: ConnId, serial: u64, now: Millis) {
+    /// Any frame since the ping counts as its answer (§11).
+    fn check_pong(&mut self, conn: ConnId, serial: u64, sent_at: Millis, now: Millis) {
         let Some(session) = self.live_session_mut(conn, serial) else {
             return;
         };
-        let ping_sent_at = session.ping_sent_at.unwrap_or(now);
-        if session.last_seen >= ping_sent_at {
-            self.schedule_heartbeat(conn, serial, ping_sent_at);
-            return;
+        if session.last_seen < sent_at {
+            self.close(conn, 1011, "no answer to ping", now);
         }
-        self.close(conn, 1011, "no answer to ping", now);
     }
 
     fn check_token_expiry(&mut self, conn: ConnId, serial: u64, now: Millis) {

@@ -1961,6 +1961,27 @@ fn a_silent_connection_is_pinged_then_closed_with_1011() {
 }
 
 #[test]
+fn pings_come_every_heartbeat_even_with_a_longer_pong_timeout() {
+    let mut hub = hub_with(|config| {
+        config.heartbeat_ms = 100;
+        config.pong_timeout_ms = 1000;
+    });
+    connect(&mut hub, 0, "alice");
+    for beat in 1..=5 {
+        hub.tick(NOW + beat * 100);
+        assert!(has_ping(&mut hub, 0), "ping {beat}");
+        drain(&mut hub, 0);
+        hub.saw_activity(0, NOW + beat * 100 + 1);
+    }
+    // The deadlines of the five answered pings (1100..1500) pass quietly.
+    hub.tick(NOW + 1500);
+    assert!(closes(&mut hub).is_empty(), "every ping was answered");
+    // That tick also sent the next ping (due since 600); it is never answered.
+    hub.tick(NOW + 2500);
+    assert_eq!(closes(&mut hub)[0].code, 1011);
+}
+
+#[test]
 fn a_heartbeat_of_zero_sends_no_pings() {
     let mut hub = new_hub();
     connect(&mut hub, 0, "alice");

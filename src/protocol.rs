@@ -237,7 +237,12 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
     let envelope: RawEnvelope<'_> = match serde_json::from_str(text) {
         Ok(envelope) => envelope,
         Err(error) => {
-            let code = if error.is_syntax() || error.is_eof() {
+            // A shape error (say, a repeated key) can stop serde before it
+            // reaches a syntax error further on: invalid JSON still wins (§11).
+            let syntax = error.is_syntax()
+                || error.is_eof()
+                || serde_json::from_str::<serde::de::IgnoredAny>(text).is_err();
+            let code = if syntax {
                 ErrorCode::InvalidJson
             } else {
                 ErrorCode::InvalidMessage
@@ -592,6 +597,14 @@ mod tests {
         assert_eq!(error_code("{\"type\":"), ErrorCode::InvalidJson);
         assert_eq!(error_code(""), ErrorCode::InvalidJson);
         assert_eq!(error_code("[1,2]"), ErrorCode::InvalidMessage);
+        assert_eq!(
+            error_code(r#"{"type":"ping","type":"ping","#),
+            ErrorCode::InvalidJson
+        );
+        assert_eq!(
+            error_code(r#"{"type":"ping","type":"ping"}"#),
+            ErrorCode::InvalidMessage
+        );
         assert_eq!(error_code("\"join\""), ErrorCode::InvalidMessage);
         assert_eq!(error_code("{}"), ErrorCode::InvalidMessage);
         assert_eq!(error_code(r#"{"type":5}"#), ErrorCode::InvalidMessage);

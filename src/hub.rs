@@ -11,6 +11,7 @@
 //! joining and leaving are O(1).
 
 use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -134,8 +135,9 @@ struct Session {
     connection_id: Box<str>,
     user_id: Box<str>,
     name: Box<str>,
-    /// `{"id":…,"name":…}`, encoded once and reused in every frame about this user.
-    user_json: Box<str>,
+    /// `{"id":…,"name":…}`, encoded once and reused in every frame about this
+    /// user; shared so that holding it across a broadcast costs no allocation.
+    user_json: Rc<str>,
     access: RoomAccess,
     expires_at: Option<u64>,
     memberships: Vec<Membership>,
@@ -264,7 +266,7 @@ impl Hub {
     ) {
         self.next_connection_number += 1;
         let connection_id = format!("c{:x}", self.next_connection_number).into_boxed_str();
-        let user_json = protocol::user_json(&identity.user_id, &identity.name);
+        let user_json: Rc<str> = protocol::user_json(&identity.user_id, &identity.name).into();
         let serial = self.next_connection_number;
         let session = Session {
             serial,
@@ -325,7 +327,7 @@ impl Hub {
                 connection_id: Box::default(),
                 user_id: Box::default(),
                 name: Box::default(),
-                user_json: Box::default(),
+                user_json: Rc::from(""),
                 access: RoomAccess::Patterns(Vec::new()),
                 expires_at: None,
                 memberships: Vec::new(),
@@ -428,7 +430,8 @@ impl Hub {
             }
             RequestBody::Message { room, content } => {
                 let room_id = self.member_room(conn, &room)?;
-                let seq = self.publish(room_id, conn, content, now);
+                let user_json = self.user_json_of(conn);
+                let (seq, _) = self.publish(room_id, &user_json, content, now);
                 if id.is_some() {
                     self.reply(
                         conn,
@@ -438,7 +441,8 @@ impl Hub {
                 Ok(())
             }
             RequestBody::Direct { to, content } => {
-                let delivered = self.direct(conn, &to, content, now);
+                let user_json = self.user_json_of(conn);
+                let delivered = self.direct(&user_json, &to, content, now);
                 if delivered == 0 {
                     return Err(Refusal::new(
                         ErrorCode::UserOffline,
@@ -697,13 +701,16 @@ impl Hub {
     }
 
     /// Assigns the next seq, records the frame in history and fans it out.
-    fn publish(&mut self, room_id: RoomId, sender: ConnId, content: &RawValue, now: Millis) -> u64 {
-        let user_json = match self.session(sender) {
-            Some(session) => session.user_json.clone(),
-            None => return 0,
-        };
+    /// Returns the seq and how many connections it was queued to.
+    fn publish(
+        &mut self,
+        room_id: RoomId,
+        user_json: &str,
+        content: &RawValue,
+        now: Millis,
+    ) -> (u64, usize) {
         let Some(room) = self.rooms.get_mut(room_id) else {
-            return 0;
+            return (0, 0);
         };
         room.seq += 1;
         let seq = room.seq;
@@ -714,7 +721,7 @@ impl Hub {
             room.name.len() + user_json.len() + content.len() + 64,
         )
         .string("room", &room.name)
-        .raw("user", &user_json)
+        .raw("user", user_json)
         .raw("content", content)
         .number("seq", seq)
         .number("ts", now)
@@ -725,27 +732,22 @@ impl Hub {
             }
             room.history.push_back((seq, frame.clone()));
         }
-        self.fan_out(room_id, &frame, Except::Nobody, Some(seq));
-        seq
+        let delivered = self.fan_out(room_id, &frame, Except::Nobody, Some(seq));
+        (seq, delivered)
     }
 
-    fn direct(&mut self, sender: ConnId, to: &str, content: &RawValue, now: Millis) -> usize {
+    /// Queues a `direct` to every connection of user `to`; returns how many.
+    fn direct(&mut self, from_json: &str, to: &str, content: &RawValue, now: Millis) -> usize {
         let Some(targets) = self.users.get(to) else {
             return 0;
         };
-        let Some(session) = self.session(sender) else {
-            return 0;
-        };
         let content = content.get();
-        let frame = FrameBuilder::with_capacity(
-            "direct",
-            None,
-            session.user_json.len() + content.len() + 48,
-        )
-        .raw("from", &session.user_json)
-        .raw("content", content)
-        .number("ts", now)
-        .finish();
+        let frame =
+            FrameBuilder::with_capacity("direct", None, from_json.len() + content.len() + 48)
+                .raw("from", from_json)
+                .raw("content", content)
+                .number("ts", now)
+                .finish();
         let targets = targets.clone();
         let mut delivered = 0;
         for target in targets {
@@ -754,6 +756,45 @@ impl Hub {
             }
         }
         delivered
+    }
+
+    /// `POST /api/publish` (§6): a `message` to a room or a `direct` to a user,
+    /// from the user `server`. `Err` is the text of a `400`.
+    pub fn api_publish(&mut self, body: &[u8], now: Millis) -> Result<String, String> {
+        let request = protocol::parse_publish(body)?;
+        let answer = match request.target {
+            protocol::PublishTarget::Room(room) => {
+                if !is_valid_room_name(&room) {
+                    return Err("invalid room name".into());
+                }
+                let room_id = match self.room_ids.get(room.as_ref()) {
+                    Some(&room_id) => room_id,
+                    None => self.create_room(&room, now),
+                };
+                let (seq, delivered) =
+                    self.publish(room_id, protocol::SERVER_USER_JSON, request.content, now);
+                format!(r#"{{"delivered":{delivered},"seq":{seq}}}"#)
+            }
+            protocol::PublishTarget::User(user) => {
+                let delivered =
+                    self.direct(protocol::SERVER_USER_JSON, &user, request.content, now);
+                format!(r#"{{"delivered":{delivered}}}"#)
+            }
+        };
+        self.settle(now);
+        Ok(answer)
+    }
+
+    /// `POST /api/disconnect` (§6): closes every connection of a user with 4003.
+    pub fn api_disconnect(&mut self, body: &[u8], now: Millis) -> Result<String, String> {
+        let user = protocol::parse_disconnect(body)?;
+        let connections = self.users.get(user.as_ref()).cloned().unwrap_or_default();
+        let closed = connections.len();
+        for conn in connections {
+            self.close(conn, 4003, "disconnected by the server", now);
+        }
+        self.settle(now);
+        Ok(format!(r#"{{"closed":{closed}}}"#))
     }
 
     fn set_typing(&mut self, conn: ConnId, room_id: RoomId, is_typing: bool, now: Millis) {
@@ -853,7 +894,7 @@ impl Hub {
                 "a refresh token must have the same `sub`",
             ));
         }
-        session.user_json = protocol::user_json(&identity.user_id, &identity.name);
+        session.user_json = protocol::user_json(&identity.user_id, &identity.name).into();
         session.name = identity.name.into_boxed_str();
         session.access = identity.rooms;
         session.expires_at = identity.expires_at;
@@ -1301,6 +1342,12 @@ impl Hub {
         while let Some(conn) = self.evicted.pop() {
             self.close(conn, 4000, "slow consumer", now);
         }
+    }
+
+    /// The connection's encoded user, shared (a reference count, no copy).
+    fn user_json_of(&self, conn: ConnId) -> Rc<str> {
+        self.session(conn)
+            .map_or_else(|| Rc::from(""), |session| Rc::clone(&session.user_json))
     }
 
     fn session(&self, conn: ConnId) -> Option<&Session> {

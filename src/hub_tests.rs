@@ -2348,3 +2348,105 @@ fn membership_stays_consistent_under_churn() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// server API (§6)
+// ---------------------------------------------------------------------------
+
+#[test]
+fn api_publish_to_a_room_comes_from_the_server_user_and_takes_a_seq() {
+    let mut hub = new_hub();
+    connect(&mut hub, 0, "alice");
+    connect(&mut hub, 1, "bob");
+    join(&mut hub, 0, "lobby");
+    join(&mut hub, 1, "lobby");
+    drain_all(&mut hub, &[0, 1]);
+    let answer = hub
+        .api_publish(br#"{"room":"lobby","content":{"n":1}}"#, NOW + 5)
+        .unwrap();
+    assert_eq!(answer, r#"{"delivered":2,"seq":1}"#);
+    for conn in [0, 1] {
+        let frames = drain(&mut hub, conn);
+        assert_eq!(
+            frames,
+            [
+                json!({"type": "message", "payload": {"room": "lobby", "user": {"id": "server", "name": "server"}, "content": {"n": 1}, "seq": 1, "ts": NOW + 5}})
+            ]
+        );
+    }
+}
+
+#[test]
+fn api_publish_to_an_empty_room_enters_its_history() {
+    let mut hub = new_hub();
+    let answer = hub
+        .api_publish(br#"{"room":"later","content":"early"}"#, NOW)
+        .unwrap();
+    assert_eq!(answer, r#"{"delivered":0,"seq":1}"#);
+    connect(&mut hub, 0, "alice");
+    send(
+        &mut hub,
+        0,
+        r#"{"type":"join","payload":{"room":"later","since":0}}"#,
+    );
+    let frames = drain(&mut hub, 0);
+    assert_eq!(frames[0]["payload"]["missed"], 1);
+    assert_eq!(frames[1]["payload"]["content"], "early");
+}
+
+#[test]
+fn api_publish_to_a_user_is_a_direct_from_the_server() {
+    let mut hub = new_hub();
+    hub.connect(0, identity("bob"), None, NOW);
+    hub.connect(1, identity("bob"), None, NOW);
+    drain_all(&mut hub, &[0, 1]);
+    let answer = hub
+        .api_publish(br#"{"user":"bob","content":null}"#, NOW)
+        .unwrap();
+    assert_eq!(answer, r#"{"delivered":2}"#);
+    assert_eq!(
+        drain(&mut hub, 1),
+        [
+            json!({"type": "direct", "payload": {"from": {"id": "server", "name": "server"}, "content": null, "ts": NOW}})
+        ]
+    );
+    assert_eq!(
+        hub.api_publish(br#"{"user":"nobody","content":1}"#, NOW)
+            .unwrap(),
+        r#"{"delivered":0}"#
+    );
+}
+
+#[test]
+fn api_publish_refuses_bad_bodies() {
+    let mut hub = new_hub();
+    for body in [
+        &br#"{"room":"bad room","content":1}"#[..],
+        br#"{"room":"a","user":"b","content":1}"#,
+        br#"{"room":"a"}"#,
+        b"not json",
+    ] {
+        assert!(hub.api_publish(body, NOW).is_err());
+    }
+    assert_eq!(hub.known_room_count(), 0, "nothing was created");
+}
+
+#[test]
+fn api_disconnect_closes_every_connection_of_the_user_with_4003() {
+    let mut hub = new_hub();
+    hub.connect(0, identity("bob"), None, NOW);
+    hub.connect(1, identity("bob"), None, NOW);
+    connect(&mut hub, 2, "alice");
+    assert_eq!(
+        hub.api_disconnect(br#"{"user":"bob"}"#, NOW).unwrap(),
+        r#"{"closed":2}"#
+    );
+    let codes: Vec<(ConnId, u16)> = closes(&mut hub).iter().map(|c| (c.conn, c.code)).collect();
+    assert_eq!(codes, [(0, 4003), (1, 4003)]);
+    assert_eq!(
+        hub.api_disconnect(br#"{"user":"bob"}"#, NOW).unwrap(),
+        r#"{"closed":0}"#
+    );
+    assert!(hub.api_disconnect(br#"{"name":"bob"}"#, NOW).is_err());
+    hub.check_invariants().unwrap();
+}

@@ -355,6 +355,91 @@ fn parse_since(text: &str) -> Option<u64> {
     Some(text.parse::<u64>().unwrap_or(u64::MAX))
 }
 
+/// The author of messages published through the server API (§6).
+pub const SERVER_USER_JSON: &str = r#"{"id":"server","name":"server"}"#;
+
+/// Who a `POST /api/publish` addresses.
+#[derive(Debug)]
+pub enum PublishTarget<'a> {
+    /// A room: a `message` with the next seq.
+    Room(Cow<'a, str>),
+    /// A user: a `direct` to each of their connections.
+    User(Cow<'a, str>),
+}
+
+/// A parsed `POST /api/publish` body.
+#[derive(Debug)]
+pub struct PublishRequest<'a> {
+    /// Where it goes.
+    pub target: PublishTarget<'a>,
+    /// Any JSON, carried through untouched.
+    pub content: &'a RawValue,
+}
+
+/// A JSON value that must be present but may be `null`: serde folds a
+/// present `null` into a missing `Option`, so presence is tracked apart.
+#[derive(Default)]
+struct Present<'a>(Option<&'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Present<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        <&'a RawValue>::deserialize(deserializer).map(|raw| Present(Some(raw)))
+    }
+}
+
+#[derive(Deserialize)]
+struct PublishBody<'a> {
+    #[serde(borrow, default)]
+    room: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    user: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    content: Present<'a>,
+}
+
+#[derive(Deserialize)]
+struct DisconnectBody<'a> {
+    #[serde(borrow)]
+    user: Cow<'a, str>,
+}
+
+/// Parses a publish body: exactly one of `room` and `user`, and `content`.
+/// `Err` is the message of a `400`.
+pub fn parse_publish(body: &[u8]) -> Result<PublishRequest<'_>, String> {
+    let text = api_object(body)?;
+    let parsed: PublishBody<'_> =
+        serde_json::from_str(text).map_err(|error| format!("bad body: {error}"))?;
+    let Present(Some(content)) = parsed.content else {
+        return Err("`content` is required".into());
+    };
+    let target = match (parsed.room, parsed.user) {
+        (Some(room), None) => PublishTarget::Room(room),
+        (None, Some(user)) => PublishTarget::User(user),
+        _ => return Err(r#"the body is {"room", "content"} or {"user", "content"}"#.into()),
+    };
+    Ok(PublishRequest { target, content })
+}
+
+/// Parses a disconnect body `{"user": U}`; `Err` is the message of a `400`.
+pub fn parse_disconnect(body: &[u8]) -> Result<Cow<'_, str>, String> {
+    let text = api_object(body)?;
+    let parsed: DisconnectBody<'_> =
+        serde_json::from_str(text).map_err(|error| format!("bad body: {error}"))?;
+    Ok(parsed.user)
+}
+
+/// The body as the text of one JSON object.
+fn api_object(body: &[u8]) -> Result<&str, String> {
+    let text = std::str::from_utf8(body).map_err(|_| "the body is not UTF-8".to_string())?;
+    if serde_json::from_str::<serde::de::IgnoredAny>(text).is_err() {
+        return Err("the body is not valid JSON".into());
+    }
+    if !text.trim_start().starts_with('{') {
+        return Err("the body is a JSON object".into());
+    }
+    Ok(text)
+}
+
 /// `Ok(None)` for `null`; a string of at most 256 bytes or a number is kept raw.
 fn check_id(raw: &RawValue) -> Result<Option<&RawValue>, &'static str> {
     let text = raw.get();
@@ -663,6 +748,33 @@ mod tests {
         let request =
             parse_request(r#"{"type":"leave","extra":1,"payload":{"room":"a","more":[]}}"#);
         assert!(request.is_ok());
+    }
+
+    #[test]
+    fn publish_bodies() {
+        let request = parse_publish(br#"{"room":"a","content":null}"#).unwrap();
+        assert!(matches!(request.target, PublishTarget::Room(ref r) if r == "a"));
+        assert_eq!(request.content.get(), "null");
+        let request = parse_publish(br#"{"user":"bob","content":{"x":1}}"#).unwrap();
+        assert!(matches!(request.target, PublishTarget::User(ref u) if u == "bob"));
+        for bad in [
+            &br#"{"room":"a"}"#[..],
+            br#"{"room":"a","user":"b","content":1}"#,
+            br#"{"content":1}"#,
+            br#"[1]"#,
+            b"nope",
+            br#"{"room":5,"content":1}"#,
+            b"\xff",
+        ] {
+            assert!(
+                parse_publish(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(parse_disconnect(br#"{"user":"bob"}"#).unwrap(), "bob");
+        assert!(parse_disconnect(br#"{"user":1}"#).is_err());
+        assert!(parse_disconnect(b"{}").is_err());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use serde_json::value::RawValue;
 use slab::Slab;
 
 use crate::auth::{Identity, RoomAccess, Verifier};
-use crate::metrics::Metrics;
+use crate::metrics::{DropReason, Metrics};
 use crate::outbound::{Marks, Offer, OutboundQueue};
 use crate::protocol::{
     self, ErrorCode, FrameBuilder, Request, RequestBody, error_frame, is_valid_room_name,
@@ -1385,13 +1385,14 @@ fn deliver_to(
     }
     match session.outbound.offer(frame, droppable, marks) {
         Offer::Dropped => {
-            metrics.messages_dropped += 1;
+            metrics.drop_frames(DropReason::SoftMark, 1);
             false
         }
         Offer::OverHard => {
+            let discarded = session.outbound.chunk_count() as u64;
             session.outbound.clear();
             session.closing = true;
-            metrics.messages_dropped += 1;
+            metrics.drop_frames(DropReason::HardMark, discarded);
             metrics.slow_consumers_closed += 1;
             evicted.push(conn);
             false

@@ -9,7 +9,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use log::{debug, error, info, warn};
@@ -314,6 +314,7 @@ impl Server {
                 }
                 return Err(error.into());
             }
+            let iteration_started = Instant::now();
             let now = now_ms();
             for event in events.iter() {
                 match event.token() {
@@ -338,6 +339,11 @@ impl Server {
             self.apply_hub_closes(&mut closes, now);
             self.flush_dirty(&mut dirty, now);
             self.free_finished(now);
+            let iteration = iteration_started.elapsed().as_nanos();
+            self.hub
+                .metrics_mut()
+                .loop_iterations
+                .record(u64::try_from(iteration).unwrap_or(u64::MAX));
             if now >= next_summary {
                 self.log_summary(&last_summary);
                 last_summary = self.hub.metrics().clone();

@@ -23,6 +23,7 @@ use crate::outbound::{Marks, Offer, OutboundQueue};
 use crate::protocol::{
     self, ErrorCode, FrameBuilder, Request, RequestBody, error_frame, is_valid_room_name,
 };
+use crate::state::RoomSnapshot;
 use crate::timers::Deadlines;
 
 /// A connection's identity in the hub: the I/O shell's slab key.
@@ -1251,6 +1252,47 @@ impl Hub {
             return Err("name index and rooms differ in size".into());
         }
         Ok(())
+    }
+
+    /// Every room's epoch, seq and history, for `--state-file`.
+    pub fn export_rooms(&self) -> Vec<RoomSnapshot> {
+        self.rooms
+            .iter()
+            .map(|(_, room)| RoomSnapshot {
+                name: room.name.to_string(),
+                epoch: room.epoch.to_string(),
+                seq: room.seq,
+                history: room
+                    .history
+                    .iter()
+                    .filter_map(|(seq, frame)| {
+                        protocol::text_frame_payload(frame).map(|text| (*seq, text.to_string()))
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Restores rooms saved by `export_rooms`; they start empty, so each is
+    /// forgotten after the usual five minutes unless someone joins.
+    pub fn import_rooms(&mut self, rooms: Vec<RoomSnapshot>, now: Millis) {
+        for snapshot in rooms {
+            if self.room_ids.contains_key(snapshot.name.as_str()) {
+                continue;
+            }
+            let room_id = self.create_room(&snapshot.name, now);
+            if let Some(room) = self.rooms.get_mut(room_id) {
+                room.epoch = snapshot.epoch.into_boxed_str();
+                room.seq = snapshot.seq;
+                let keep = snapshot.history.len().saturating_sub(self.config.history);
+                room.history = snapshot
+                    .history
+                    .iter()
+                    .skip(keep)
+                    .map(|(seq, text)| (*seq, protocol::text_frame(text)))
+                    .collect();
+            }
+        }
     }
 
     /// Rooms the hub knows, members or not (for tests and metrics).

@@ -2450,3 +2450,34 @@ fn api_disconnect_closes_every_connection_of_the_user_with_4003() {
     assert!(hub.api_disconnect(br#"{"name":"bob"}"#, NOW).is_err());
     hub.check_invariants().unwrap();
 }
+
+// ---------------------------------------------------------------------------
+// --state-file: export and import
+// ---------------------------------------------------------------------------
+
+#[test]
+fn rooms_survive_export_and_import_for_recovery() {
+    let mut hub = new_hub();
+    let (epoch, _) = news_with_five_messages(&mut hub);
+    let saved = hub.export_rooms();
+    let mut restarted = new_hub();
+    restarted.import_rooms(saved, NOW + 60_000);
+    restarted.connect(0, identity("carol"), None, NOW + 60_000);
+    drain(&mut restarted, 0);
+    send(
+        &mut restarted,
+        0,
+        &json!({"type": "join", "payload": {"room": "news", "since": 2, "epoch": epoch}})
+            .to_string(),
+    );
+    let frames = drain(&mut restarted, 0);
+    assert_eq!(frames[0]["payload"]["recovered"], true);
+    assert_eq!(frames[0]["payload"]["missed"], 3);
+    assert_eq!(frames[0]["payload"]["epoch"], epoch.as_str());
+    let seqs: Vec<u64> = frames[1..]
+        .iter()
+        .map(|f| f["payload"]["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [3, 4, 5]);
+    restarted.check_invariants().unwrap();
+}

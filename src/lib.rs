@@ -12,4 +12,5 @@ pub mod metrics;
 pub mod outbound;
 pub mod protocol;
 pub mod server;
+pub mod state;
 pub mod timers;

@@ -565,6 +565,34 @@ impl FrameBuilder {
     }
 }
 
+/// A server text frame carrying `payload` (an already encoded JSON text).
+pub fn text_frame(payload: &str) -> Bytes {
+    let header = FrameHeader {
+        is_final: true,
+        rsv1: false,
+        rsv2: false,
+        rsv3: false,
+        opcode: OpCode::Data(Data::Text),
+        mask: None,
+    };
+    let length = payload.len() as u64;
+    let mut frame = Vec::with_capacity(header.len(length) + payload.len());
+    // Writing into a Vec cannot fail.
+    let _ = header.format(length, &mut frame);
+    frame.extend_from_slice(payload.as_bytes());
+    Bytes::from(frame)
+}
+
+/// The payload text of a server text frame made by this module.
+pub fn text_frame_payload(frame: &[u8]) -> Option<&str> {
+    let header_len = match frame.get(1)? & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    std::str::from_utf8(frame.get(header_len..)?).ok()
+}
+
 /// Appends `value` as a JSON string literal.
 pub fn write_json_string(buffer: &mut Vec<u8>, value: &str) {
     // Writing a str into a Vec cannot fail.
@@ -814,6 +842,21 @@ mod tests {
             .string("content", &medium)
             .finish();
         assert_eq!(payload_of(&frame)["payload"]["content"], medium.as_str());
+    }
+
+    #[test]
+    fn text_frames_round_trip() {
+        for size in [0, 10, 125, 126, 300, 70_000] {
+            let payload = "x".repeat(size);
+            let frame = text_frame(&payload);
+            assert_eq!(text_frame_payload(&frame), Some(payload.as_str()));
+        }
+        let built = FrameBuilder::new("ping", None).finish();
+        assert_eq!(
+            text_frame(text_frame_payload(&built).unwrap()),
+            built,
+            "the same bytes as the builder"
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::config::ServerArgs;
 use crate::handshake::{self, Decision, Endpoint, HttpRoute, Policy, RejectReason};
 use crate::hub::{CloseRequest, ConnId, Hub, HubConfig, Millis};
 use crate::outbound::{Marks, OutboundQueue};
+use crate::state;
 use crate::timers::Deadlines;
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -244,7 +245,7 @@ impl Server {
             .write_buffer_size(0)
             .max_message_size(Some(max_message))
             .max_frame_size(Some(max_message));
-        let hub = Hub::new(HubConfig {
+        let mut hub = Hub::new(HubConfig {
             history: args.history,
             max_rooms_per_connection: args.max_rooms_per_connection,
             typing_timeout_ms: args.typing_timeout_ms,
@@ -258,6 +259,9 @@ impl Server {
             },
             verifier: verifier.clone(),
         });
+        if let Some(path) = &args.state_file {
+            restore_state(&mut hub, path);
+        }
         Ok(Server {
             poll,
             listener: Some(listener),
@@ -356,6 +360,7 @@ impl Server {
                     "shut down; {} connection(s) still open were dropped",
                     self.connections.len()
                 );
+                self.save_state();
                 return Ok(());
             }
         }
@@ -983,6 +988,19 @@ impl Server {
         self.close_websocket(key, CloseCode::Away, reason.into(), now);
     }
 
+    /// Writes `--state-file`, if given, after the drain.
+    fn save_state(&self) {
+        let Some(path) = &self.args.state_file else {
+            return;
+        };
+        let rooms = self.hub.export_rooms();
+        let count = rooms.len();
+        match state::save(path, rooms) {
+            Ok(()) => info!("saved {count} room(s) to {}", path.display()),
+            Err(error) => error!("cannot save state to {}: {error}", path.display()),
+        }
+    }
+
     fn log_summary(&self, previous: &crate::metrics::Metrics) {
         let metrics = self.hub.metrics();
         info!(
@@ -1002,6 +1020,25 @@ fn shuffle(items: &mut [usize]) {
     for index in (1..items.len()).rev() {
         let other = random_below(index as u64 + 1) as usize;
         items.swap(index, other);
+    }
+}
+
+/// Loads `--state-file` into the hub; a bad file is set aside and the server starts fresh.
+fn restore_state(hub: &mut Hub, path: &std::path::Path) {
+    let now = now_ms();
+    match state::load(path, now / 1000) {
+        state::Loaded::Fresh => info!("no state file at {}; starting fresh", path.display()),
+        state::Loaded::Rooms(rooms) => {
+            info!("loaded {} room(s) from {}", rooms.len(), path.display());
+            hub.import_rooms(rooms, now);
+        }
+        state::Loaded::SetAside { error, moved_to } => match moved_to {
+            Some(aside) => warn!(
+                "{error}; moved it to {} and starting fresh",
+                aside.display()
+            ),
+            None => warn!("{error}; could not move it aside, starting fresh"),
+        },
     }
 }
 

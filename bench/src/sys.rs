@@ -1,0 +1,252 @@
+//! What the harness reads from the operating system: a process-wide monotonic
+//! clock, CPU time and RSS of a process (`/proc`), kernel socket memory
+//! (`/proc/net/sockstat`), open-file counts and limits.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+static START: OnceLock<Instant> = OnceLock::new();
+
+/// Starts the process clock; call once at the top of `main` so every thread
+/// shares the same zero.
+pub fn init_clock() {
+    START.get_or_init(Instant::now);
+}
+
+/// Nanoseconds since the process clock started. Monotonic and shared by every
+/// thread, so a timestamp written by a publisher can be subtracted from one
+/// read by a receiver in another thread.
+#[inline]
+pub fn now_ns() -> u64 {
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Clock ticks per second of `/proc/*/stat` CPU times.
+pub fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as u64 } else { 100 }
+}
+
+/// utime + stime of a `/proc/.../stat` file, in microseconds.
+pub fn cpu_us_of(stat_path: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(stat_path).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: fields
+    // are counted after the last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); utime is field 14, stime field 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) * 1_000_000 / clock_ticks())
+}
+
+/// CPU time of a whole process (all its threads), microseconds.
+pub fn process_cpu_us(pid: u32) -> Option<u64> {
+    cpu_us_of(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time of this process, microseconds.
+pub fn self_cpu_us() -> Option<u64> {
+    cpu_us_of("/proc/self/stat")
+}
+
+/// CPU time of one thread of this process, microseconds.
+pub fn thread_cpu_us(tid: i32) -> Option<u64> {
+    cpu_us_of(&format!("/proc/self/task/{tid}/stat"))
+}
+
+/// The calling thread's kernel id.
+pub fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
+/// VmRSS of a process in bytes.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    status_kb(pid, "VmRSS:").map(|kb| kb * 1024)
+}
+
+fn status_kb(pid: u32, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..].split_whitespace().next()?.parse().ok()
+}
+
+/// Whether a process with this PID exists.
+pub fn process_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Number of open file descriptors of a process (entries of `/proc/PID/fd`).
+pub fn open_fds(pid: u32) -> Option<u64> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
+}
+
+/// Soft "Max open files" limit of a process, from `/proc/PID/limits`.
+pub fn fd_limit_of(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The TCP line of `/proc/net/sockstat`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SockStat {
+    /// Sockets in use (both ends of a loopback connection count).
+    pub inuse: u64,
+    /// Sockets in TIME_WAIT.
+    pub tw: u64,
+    /// Orphaned sockets (closed by their process, still in the kernel).
+    pub orphan: u64,
+    /// Kernel memory charged to TCP sockets, in bytes (pages × 4096).
+    pub mem_bytes: u64,
+}
+
+pub fn sockstat() -> SockStat {
+    let mut out = SockStat::default();
+    let Ok(text) = std::fs::read_to_string("/proc/net/sockstat") else {
+        return out;
+    };
+    let Some(line) = text.lines().find(|l| l.starts_with("TCP:")) else {
+        return out;
+    };
+    let words: Vec<&str> = line.split_whitespace().collect();
+    for pair in words[1..].chunks(2) {
+        if let [key, value] = pair {
+            let value: u64 = value.parse().unwrap_or(0);
+            match *key {
+                "inuse" => out.inuse = value,
+                "tw" => out.tw = value,
+                "orphan" => out.orphan = value,
+                "mem" => out.mem_bytes = value * 4096,
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// Raises this process's open-files soft limit to its hard limit and
+/// returns the limit now in force.
+pub fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write/read the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+/// A snapshot of CPU counters at one instant, for a window's difference.
+#[derive(Debug, Clone, Default)]
+pub struct CpuSnap {
+    pub at_ns: u64,
+    /// Machine-wide (busy, total) jiffies from `/proc/stat`.
+    pub machine: (u64, u64),
+    pub server_us: Option<u64>,
+    pub client_us: u64,
+    pub threads_us: Vec<u64>,
+}
+
+pub fn cpu_snap(server_pid: Option<u32>, tids: &[i32]) -> CpuSnap {
+    CpuSnap {
+        at_ns: now_ns(),
+        machine: machine_jiffies(),
+        server_us: server_pid.and_then(process_cpu_us),
+        client_us: self_cpu_us().unwrap_or(0),
+        threads_us: tids
+            .iter()
+            .map(|&t| thread_cpu_us(t).unwrap_or(0))
+            .collect(),
+    }
+}
+
+/// CPU use over a window, as a percentage of one core.
+#[derive(Debug, Clone, Default)]
+pub struct CpuWindow {
+    pub secs: f64,
+    pub server_pct: Option<f64>,
+    pub server_us: Option<u64>,
+    pub client_pct: f64,
+    pub threads_pct: Vec<f64>,
+    /// Busy CPU of the whole machine, % of one core (all cores together).
+    pub machine_pct: f64,
+}
+
+/// (busy, total) jiffies of all CPUs together; steal counts as busy.
+fn machine_jiffies() -> (u64, u64) {
+    let Ok(text) = std::fs::read_to_string("/proc/stat") else {
+        return (0, 0);
+    };
+    let Some(line) = text.lines().next() else {
+        return (0, 0);
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if v.len() < 5 {
+        return (0, 0);
+    }
+    let total: u64 = v.iter().sum();
+    let idle = v[3] + v[4];
+    (total - idle, total)
+}
+
+pub fn cpu_window(a: &CpuSnap, b: &CpuSnap) -> CpuWindow {
+    let secs = (b.at_ns.saturating_sub(a.at_ns)) as f64 / 1e9;
+    let pct = |us: u64| {
+        if secs > 0.0 {
+            us as f64 / 1e6 / secs * 100.0
+        } else {
+            0.0
+        }
+    };
+    let server_us = match (a.server_us, b.server_us) {
+        (Some(x), Some(y)) => Some(y.saturating_sub(x)),
+        _ => None,
+    };
+    CpuWindow {
+        secs,
+        server_pct: server_us.map(pct),
+        server_us,
+        client_pct: pct(b.client_us.saturating_sub(a.client_us)),
+        threads_pct: a
+            .threads_us
+            .iter()
+            .zip(&b.threads_us)
+            .map(|(x, y)| pct(y.saturating_sub(*x)))
+            .collect(),
+        machine_pct: {
+            let busy = b.machine.0.saturating_sub(a.machine.0);
+            let total = b.machine.1.saturating_sub(a.machine.1);
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            if total > 0 {
+                busy as f64 / total as f64 * cores * 100.0
+            } else {
+                0.0
+            }
+        },
+    }
+}

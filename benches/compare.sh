@@ -1,0 +1,288 @@
+#!/usr/bin/env bash
+# Runs ONE roomcast-bench workload against roomcast and the comparison peers,
+# each server started fresh for every run, interleaved A B C D A B C D …, and
+# prints per server the median of the headline figures and the ratio to roomcast.
+#
+#   benches/compare.sh WORKLOAD [harness flags…] [--reps N] [--servers a,b,…] [--port-base P] [--no-build]
+#   benches/compare.sh fanout --rooms 1 --members 100 --rate 0 --size 128 --duration 5 --reps 3
+#
+# Servers: roomcast (target/release, --rate-limit 0) and the peers in
+# ../shared/peers (tokio-tungstenite, node-ws, fastapi), copied once to
+# target/peers/<name> and run from there, so their builds, venvs and
+# node_modules land under our target/. Raw JSON lines go to
+# target/bench-results/<timestamp>.jsonl. Only processes this script started
+# are stopped, by the process group it created for each.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+shared_peers="$root/../shared/peers"
+
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[[ $# -ge 1 ]] || usage
+case "$1" in -h|--help) usage ;; esac
+workload=$1
+shift
+
+reps=3
+servers="roomcast,tokio-tungstenite,node-ws,fastapi"
+port_base=9500
+build=1
+args=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --reps) reps=$2; shift 2 ;;
+        --reps=*) reps=${1#*=}; shift ;;
+        --servers) servers=$2; shift 2 ;;
+        --servers=*) servers=${1#*=}; shift ;;
+        --port-base) port_base=$2; shift 2 ;;
+        --port-base=*) port_base=${1#*=}; shift ;;
+        --no-build) build=0; shift ;;
+        --url|--url=*|--server-pid|--server-pid=*|--secret|--secret=*)
+            echo "compare.sh sets --url, --secret and --server-pid itself" >&2; exit 2 ;;
+        *) args+=("$1"); shift ;;
+    esac
+done
+IFS=, read -r -a server_list <<<"$servers"
+
+secret=bench-secret
+# Room for a burst of broadcasts to a briefly busy reader without drops.
+buffers=(--write-buffer-soft 1048576 --write-buffer-hard 8388608)
+results="$root/target/bench-results"
+logs="$results/logs"
+mkdir -p "$results" "$logs"
+stamp=$(date +%Y%m%d-%H%M%S)
+out="$results/$stamp.jsonl"
+
+bench="$root/target/release/roomcast-bench"
+server_bin="$root/target/release/roomcast"
+if [[ $build == 1 ]]; then
+    echo "== building roomcast and roomcast-bench (release)" >&2
+    cargo build --release --quiet -p roomcast -p roomcast-bench
+elif [[ ! -x $bench || ! -x $server_bin ]]; then
+    echo "--no-build: $bench or $server_bin is missing" >&2
+    exit 2
+fi
+
+: >"$out"
+
+wants_echo_endpoint=0
+for ((i = 0; i < ${#args[@]}; i++)); do
+    if [[ ${args[i]} == "--endpoint=echo" || (${args[i]} == "--endpoint" && ${args[i + 1]:-} == "echo") ]]; then
+        wants_echo_endpoint=1
+    fi
+done
+
+# ---- processes we start ------------------------------------------------------------
+started_pids=()
+
+stop_server() { # pid
+    local pid=$1
+    [[ -d /proc/$pid ]] || { wait "$pid" 2>/dev/null || true; return 0; }
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do
+        [[ -d /proc/$pid ]] && [[ $(awk '{print $3}' /proc/$pid/stat 2>/dev/null) != Z ]] || break
+        sleep 0.1
+    done
+    if [[ -d /proc/$pid && $(awk '{print $3}' /proc/$pid/stat 2>/dev/null) != Z ]]; then
+        kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    for pid in "${started_pids[@]}"; do stop_server "$pid"; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+free_port() { # preferred
+    local p=$1
+    while port_busy "$p"; do p=$((p + 1)); done
+    echo "$p"
+}
+
+# start_server NAME PORT LOG -> sets SERVER_PID; the process leads its own
+# process group (setsid without forking: we are not a group leader), and
+# run.sh execs the real server, so the PID is the server's.
+start_server() {
+    local name=$1 port=$2 log=$3
+    local cmd
+    if [[ $name == roomcast ]]; then
+        cmd=("$server_bin" --listen "127.0.0.1:$port" --jwt-secret "$secret" --rate-limit 0 "${buffers[@]}" --echo --log-level warn)
+    else
+        cmd=("$root/target/peers/$name/run.sh" --listen "127.0.0.1:$port" --jwt-secret "$secret" --rate-limit 0 "${buffers[@]}")
+    fi
+    setsid "${cmd[@]}" >"$log" 2>&1 </dev/null &
+    SERVER_PID=$!
+    started_pids+=("$SERVER_PID")
+}
+
+# wait_ready PID PORT TIMEOUT_S: /health where the server has one, else the TCP port.
+wait_ready() {
+    local pid=$1 port=$2 timeout=$3 t=0
+    while ((t < timeout * 10)); do
+        if [[ ! -d /proc/$pid ]] || [[ $(awk '{print $3}' /proc/$pid/stat 2>/dev/null) == Z ]]; then
+            return 1
+        fi
+        if port_busy "$port"; then
+            if command -v curl >/dev/null 2>&1; then
+                curl -s -m 1 -o /dev/null "http://127.0.0.1:$port/health" || true
+            fi
+            return 0
+        fi
+        sleep 0.1
+        t=$((t + 1))
+    done
+    return 1
+}
+
+# ---- peers: private copies, prepared once (first builds take minutes) -------------
+for name in "${server_list[@]}"; do
+    [[ $name == roomcast ]] && continue
+    if [[ ! -d $shared_peers/$name ]]; then
+        echo "no peer $name in $shared_peers" >&2
+        exit 2
+    fi
+    if [[ ! -d $root/target/peers/$name ]]; then
+        mkdir -p "$root/target/peers"
+        cp -r "$shared_peers/$name" "$root/target/peers/$name"
+        chmod -R u+w "$root/target/peers/$name"
+    fi
+    # Our copy sits under this workspace's directory: give a Rust peer its own
+    # (empty) workspace so cargo does not take it for a member of ours.
+    manifest="$root/target/peers/$name/Cargo.toml"
+    if [[ -f $manifest ]] && ! grep -q '^\[workspace\]' "$manifest"; then
+        printf '\n[workspace]\n' >>"$manifest"
+    fi
+done
+
+skip_reason() { # name -> prints why this server cannot run the workload
+    local name=$1
+    if [[ $name != roomcast && $wants_echo_endpoint == 1 ]]; then
+        echo "no /echo endpoint"
+    fi
+}
+
+for name in "${server_list[@]}"; do
+    [[ $name == roomcast ]] && continue
+    [[ -n $(skip_reason "$name") ]] && continue
+    port=$(free_port "$port_base")
+    echo "== preparing $name (first start builds/installs; log: $logs/$name-prepare.log)" >&2
+    start_server "$name" "$port" "$logs/$name-prepare.log"
+    if ! wait_ready "$SERVER_PID" "$port" 1200; then
+        echo "!! $name did not start; see $logs/$name-prepare.log" >&2
+        tail -20 "$logs/$name-prepare.log" >&2 || true
+        stop_server "$SERVER_PID"
+        exit 1
+    fi
+    stop_server "$SERVER_PID"
+done
+
+# ---- the runs, interleaved ----------------------------------------------------------
+echo "== $workload ${args[*]}  (reps $reps; servers ${server_list[*]}; raw: $out)" >&2
+for ((rep = 1; rep <= reps; rep++)); do
+    for name in "${server_list[@]}"; do
+        why=$(skip_reason "$name")
+        if [[ -n $why ]]; then
+            echo "-- rep $rep $name: skipped ($why)" >&2
+            continue
+        fi
+        port=$(free_port "$port_base")
+        log="$logs/$stamp-$name-$rep.log"
+        start_server "$name" "$port" "$log"
+        pid=$SERVER_PID
+        if ! wait_ready "$pid" "$port" 120; then
+            echo "!! rep $rep $name: server did not start (log $log)" >&2
+            stop_server "$pid"
+            printf '{"workload":"%s","ok":false,"error":"server did not start","server_name":"%s","rep":%d}\n' \
+                "$workload" "$name" "$rep" >>"$out"
+            continue
+        fi
+        sleep 0.3
+        set +e
+        line=$("$bench" "$workload" --url "ws://127.0.0.1:$port" --secret "$secret" --server-pid "$pid" \
+            --json-only "${args[@]}" 2>>"$log" | grep '^{' | tail -1)
+        set -e
+        stop_server "$pid"
+        if [[ -z $line ]]; then
+            line=$(printf '{"workload":"%s","ok":false,"error":"harness printed no JSON line"}' "$workload")
+        fi
+        line=$(NAME="$name" REP="$rep" python3 -c '
+import json, os, sys
+d = json.loads(sys.stdin.read())
+d["server_name"] = os.environ["NAME"]
+d["rep"] = int(os.environ["REP"])
+print(json.dumps(d, separators=(",", ":")))' <<<"$line")
+        echo "$line" >>"$out"
+        NAME="$name" REP="$rep" python3 -c '
+import json, os, sys
+d = json.loads(sys.stdin.read())
+f = d.get("figures", {})
+shown = ", ".join(f"{k}={f.get(k)}" for k in d.get("key", []))
+status = "ok" if d.get("ok") else "FAILED: " + str(d.get("error"))
+rep, name = os.environ["REP"], os.environ["NAME"]
+print(f"-- rep {rep} {name:<18} {status}  {shown}", file=sys.stderr)
+for w in d.get("warnings", []):
+    print(f"     ! {w}", file=sys.stderr)' <<<"$line"
+    done
+done
+
+# ---- medians and ratios ---------------------------------------------------------------
+python3 - "$out" "${server_list[@]}" <<'EOF'
+import json, statistics, sys
+
+path, servers = sys.argv[1], sys.argv[2:]
+runs = [json.loads(l) for l in open(path) if l.strip()]
+keys = []
+for r in runs:
+    for k in r.get("key", []):
+        if k not in keys:
+            keys.append(k)
+extra = ["server_cpu_pct", "client_cpu_pct"]
+rows = keys + [k for k in extra if k not in keys]
+
+def median(server, key):
+    vals = [r["figures"][key] for r in runs
+            if r.get("server_name") == server and r.get("ok") and isinstance(r.get("figures", {}).get(key), (int, float))]
+    return statistics.median(vals) if vals else None
+
+def fmt(m):
+    if abs(m) >= 1000:
+        return f"{m:,.0f}"
+    if abs(m) >= 10:
+        return f"{m:.1f}"
+    return f"{m:.4g}"
+
+base = {k: median("roomcast", k) for k in rows}
+print()
+print(f"median of {max((sum(1 for r in runs if r.get('server_name') == s and r.get('ok')) for s in servers), default=0)} run(s) per server; ratio = server ÷ roomcast; raw: {path}")
+width = max([len(k) for k in rows] + [10])
+header = f"{'figure':<{width}}" + "".join(f"  {s:>26}" for s in servers)
+print(header)
+print("-" * len(header))
+for k in rows:
+    line = f"{k:<{width}}"
+    for s in servers:
+        m = median(s, k)
+        if m is None:
+            cell = "—"
+        elif s == "roomcast" or not base.get(k):
+            cell = fmt(m)
+        else:
+            cell = f"{fmt(m)} ({m / base[k]:.2f}×)"
+        line += f"  {cell:>26}"
+    print(line)
+failed = [r for r in runs if not r.get("ok")]
+for r in failed:
+    print(f"FAILED: {r.get('server_name')} rep {r.get('rep')}: {r.get('error')}")
+warned = {}
+for r in runs:
+    for w in r.get("warnings", []):
+        if "no --server-pid" in w:
+            continue
+        warned.setdefault(r.get("server_name"), set()).add(w.split(":")[0])
+for s, ws in warned.items():
+    print(f"warnings for {s}: " + "; ".join(sorted(ws)))
+EOF

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# CI smoke test of the bench harness (NOT a timing test): starts a fresh
+# roomcast, runs every workload once at tiny scale, and fails if the harness
+# errors or any run lacks its JSON line.
+#
+#   benches/smoke.sh            # release build (the harness's normal mode)
+#   PROFILE=dev benches/smoke.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+profile=${PROFILE:-release}
+if [[ $profile == release ]]; then
+    cargo build --release --quiet -p roomcast -p roomcast-bench
+    dir=$root/target/release
+else
+    cargo build --quiet -p roomcast -p roomcast-bench
+    dir=$root/target/debug
+fi
+secret=bench-secret
+logs=$root/target/bench-results/smoke
+mkdir -p "$logs"
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+port=9450
+while port_busy "$port"; do port=$((port + 1)); done
+
+"$dir/roomcast" --listen "127.0.0.1:$port" --jwt-secret "$secret" --rate-limit 0 --echo \
+    --log-level warn >"$logs/server.log" 2>&1 </dev/null &
+server=$!
+stop() {
+    if [[ -d /proc/$server ]]; then
+        kill -TERM "$server" 2>/dev/null || true
+        for _ in $(seq 1 50); do [[ -d /proc/$server ]] || break; sleep 0.1; done
+        kill -KILL "$server" 2>/dev/null || true
+    fi
+    wait "$server" 2>/dev/null || true
+}
+trap stop EXIT
+for _ in $(seq 1 100); do port_busy "$port" && break; sleep 0.1; done
+port_busy "$port" || { echo "roomcast did not start" >&2; cat "$logs/server.log" >&2; exit 1; }
+
+common=(--url "ws://127.0.0.1:$port" --secret "$secret" --server-pid "$server")
+passed=0
+failed=0
+run() { # name workload flags…
+    local name=$1
+    shift
+    local out="$logs/$name.out" rc=0
+    echo "== $name: roomcast-bench $*"
+    timeout 120 "$dir/roomcast-bench" "$@" "${common[@]}" >"$out" 2>"$logs/$name.err" || rc=$?
+    cat "$out"
+    if WORKLOAD=$1 RC=$rc python3 - "$out" <<'EOF'; then
+import json, os, sys
+lines = [l for l in open(sys.argv[1]) if l.startswith("{")]
+assert len(lines) == 1, f"expected exactly one JSON line, got {len(lines)}"
+d = json.loads(lines[0])
+assert d["workload"] == os.environ["WORKLOAD"], d["workload"]
+assert d["ok"] is True, f"harness error: {d.get('error')}"
+assert os.environ["RC"] == "0", f"exit status {os.environ['RC']}"
+assert d["figures"] and d["key"], "no figures"
+EOF
+        echo "ok   $name"
+        passed=$((passed + 1))
+    else
+        echo "FAIL $name (stderr: $logs/$name.err)"
+        tail -5 "$logs/$name.err" || true
+        failed=$((failed + 1))
+    fi
+}
+
+run fanout fanout --rooms 1 --members 5 --rate 500 --duration 2 --warmup 0.5
+run fanout-window fanout --rooms 2 --members 5 --publishers 2 --rate 0 --in-flight 4 --duration 1 --warmup 0.2
+run echo echo --clients 5 --duration 2 --warmup 0.5
+run echo-endpoint echo --clients 5 --endpoint echo --duration 1 --warmup 0.2
+run idle idle --connections 50 --rooms 5 --hold 1
+run slow slow --members 5 --rate 500 --duration 2 --warmup 0.5
+run churn churn --connections 50 --rate 50 --rooms 5 --duration 2 --warmup 0.5
+
+echo "bench smoke: $passed passed, $failed failed"
+[[ $failed -eq 0 ]]

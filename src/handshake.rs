@@ -77,12 +77,16 @@ pub enum RejectReason {
     /// The head did not arrive within the handshake timeout; decided by the
     /// shell (which owns the clock), listed here so it is counted like the rest.
     Timeout,
+    /// The server API was asked for but no `--api-key` is configured (`403`).
+    ApiDisabled,
+    /// A request body over `--max-message-size` (`413`).
+    PayloadTooLarge,
 }
 
 impl RejectReason {
     /// Every reason, so the metrics can be registered at 0 before the first
     /// rejection happens.
-    pub const ALL: [RejectReason; 10] = [
+    pub const ALL: [RejectReason; 12] = [
         RejectReason::TooLarge,
         RejectReason::BadRequest,
         RejectReason::NotFound,
@@ -93,6 +97,8 @@ impl RejectReason {
         RejectReason::Capacity,
         RejectReason::Unauthorized,
         RejectReason::Timeout,
+        RejectReason::ApiDisabled,
+        RejectReason::PayloadTooLarge,
     ];
 
     /// The `reason` label of `roomcast_handshakes_rejected_total` and the key in
@@ -109,6 +115,8 @@ impl RejectReason {
             RejectReason::Capacity => "capacity",
             RejectReason::Unauthorized => "unauthorized",
             RejectReason::Timeout => "timeout",
+            RejectReason::ApiDisabled => "api_disabled",
+            RejectReason::PayloadTooLarge => "payload_too_large",
         }
     }
 
@@ -125,6 +133,8 @@ impl RejectReason {
             RejectReason::Capacity => 503,
             RejectReason::Unauthorized => 401,
             RejectReason::Timeout => 408,
+            RejectReason::ApiDisabled => 403,
+            RejectReason::PayloadTooLarge => 413,
         }
     }
 }
@@ -151,6 +161,10 @@ pub struct Policy<'a> {
     pub demo_mode: bool,
     /// Seconds since the Unix epoch, for the token's `exp` / `nbf`.
     pub now_secs: u64,
+    /// `--api-key`: the bearer key of the server API; `None` disables it (`403`).
+    pub api_key: Option<&'a str>,
+    /// `--max-message-size`: the largest request body accepted (`413` above).
+    pub max_body_bytes: usize,
 }
 
 /// Which WebSocket endpoint an accepted upgrade is for.
@@ -196,6 +210,10 @@ pub enum Decision {
         /// Length of the request head within the buffer; a later request on a
         /// kept-alive connection starts after it (and after any body).
         head_len: usize,
+        /// `Content-Length` of the body that follows the head (0 without one).
+        body_len: usize,
+        /// Whether the connection stays open for another request afterwards.
+        keep_alive: bool,
     },
     /// Refuse: write `response` (it carries `Connection: close`), then close
     /// the socket.
@@ -215,6 +233,18 @@ pub enum Decision {
 pub enum HttpRoute {
     /// `GET /health`.
     Health,
+    /// `GET /`: the demo chat page.
+    Page,
+    /// `GET /roomcast.js`: the page's client module.
+    ClientScript,
+    /// `GET /metrics`: Prometheus text.
+    Metrics,
+    /// `GET /api/stats`: the same figures as JSON.
+    Stats,
+    /// `POST /api/publish` with a verified API key; the body follows the head.
+    Publish,
+    /// `POST /api/disconnect` with a verified API key; the body follows the head.
+    Disconnect,
     /// `GET /demo/token` (demo mode only).
     DemoToken {
         /// The percent-decoded query `name` (`+` as space); `None` when absent
@@ -281,6 +311,17 @@ pub fn response(
     body: &[u8],
     extra_headers: &[(&str, &str)],
 ) -> Vec<u8> {
+    response_with(status, content_type, body, extra_headers, false)
+}
+
+/// As [`response`], saying `Connection: keep-alive` when `keep_alive`.
+pub fn response_with(
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    extra_headers: &[(&str, &str)],
+    keep_alive: bool,
+) -> Vec<u8> {
     let mut head = String::with_capacity(128);
     head.push_str("HTTP/1.1 ");
     head.push_str(&status.to_string());
@@ -290,7 +331,11 @@ pub fn response(
     push_field(&mut head, content_type);
     head.push_str("\r\nContent-Length: ");
     head.push_str(&body.len().to_string());
-    head.push_str("\r\nConnection: close\r\n");
+    head.push_str(if keep_alive {
+        "\r\nConnection: keep-alive\r\n"
+    } else {
+        "\r\nConnection: close\r\n"
+    });
     for (name, value) in extra_headers {
         push_field(&mut head, name);
         head.push_str(": ");
@@ -361,13 +406,20 @@ enum Route {
     Health,
     /// `/demo/token`.
     DemoToken,
+    /// A plain `GET` endpoint answered from server state.
+    Plain(HttpRoute),
+    /// A `POST` endpoint of the server API.
+    Api(HttpRoute),
 }
 
 impl Route {
     /// The one method each endpoint answers; also the `Allow` header of a 405.
     fn method(&self) -> &'static str {
         match self {
-            Route::Rooms(_) | Route::Echo | Route::Health | Route::DemoToken => "GET",
+            Route::Rooms(_) | Route::Echo | Route::Health | Route::DemoToken | Route::Plain(_) => {
+                "GET"
+            }
+            Route::Api(_) => "POST",
         }
     }
 }
@@ -380,10 +432,12 @@ fn route(path: &str, policy: &Policy<'_>) -> Result<Route, RejectReason> {
         "/health" => Ok(Route::Health),
         "/echo" if policy.echo_enabled => Ok(Route::Echo),
         "/demo/token" if policy.demo_mode => Ok(Route::DemoToken),
-        // Reserved for later issues, 404 until they land (PROTOCOL §1):
-        // "/" (GET, demo page), "/metrics" (GET), "/api/stats" (GET),
-        // "/api/publish" (POST), "/api/disconnect" (POST). Each becomes a
-        // `Route` variant with its method in `Route::method`.
+        "/" => Ok(Route::Plain(HttpRoute::Page)),
+        "/roomcast.js" => Ok(Route::Plain(HttpRoute::ClientScript)),
+        "/metrics" => Ok(Route::Plain(HttpRoute::Metrics)),
+        "/api/stats" => Ok(Route::Plain(HttpRoute::Stats)),
+        "/api/publish" => Ok(Route::Api(HttpRoute::Publish)),
+        "/api/disconnect" => Ok(Route::Api(HttpRoute::Disconnect)),
         _ => match path.strip_prefix("/ws/") {
             // Exactly one non-empty segment: `/ws/` and `/ws/a/b` are unknown.
             Some(room) if !room.is_empty() && !room.contains('/') => {
@@ -431,13 +485,25 @@ fn decide_head(
         return reject_with(RejectReason::Method, &[("Allow", allowed)]);
     }
 
+    let keep_alive = version == 1 && !list_has_token(headers, "connection", b"close");
     let endpoint = match route {
         Route::Health => {
             return Decision::Serve {
                 route: HttpRoute::Health,
                 head_len,
+                body_len: 0,
+                keep_alive,
             };
         }
+        Route::Plain(route) => {
+            return Decision::Serve {
+                route,
+                head_len,
+                body_len: 0,
+                keep_alive,
+            };
+        }
+        Route::Api(route) => return decide_api(route, headers, head_len, keep_alive, policy),
         Route::DemoToken => {
             let name = match query.and_then(|q| query_param(q, "name")) {
                 None => None,
@@ -450,6 +516,8 @@ fn decide_head(
             return Decision::Serve {
                 route: HttpRoute::DemoToken { name },
                 head_len,
+                body_len: 0,
+                keep_alive,
             };
         }
         Route::Rooms(join) => Endpoint::Rooms { join },
@@ -526,6 +594,50 @@ fn decide_head(
         identity,
         endpoint,
         head_len,
+    }
+}
+
+/// The server API's checks (§6): a configured key (`403`), the bearer key
+/// compared in constant time (`401`), a body framed by `Content-Length` and no
+/// larger than `--max-message-size` (`413`).
+fn decide_api(
+    route: HttpRoute,
+    headers: &[httparse::Header<'_>],
+    head_len: usize,
+    keep_alive: bool,
+    policy: &Policy<'_>,
+) -> Decision {
+    let Some(key) = policy.api_key else {
+        return reject(RejectReason::ApiDisabled);
+    };
+    let presented = first_header(headers, "authorization")
+        .and_then(|value| value.strip_prefix(b"Bearer "))
+        .unwrap_or_default();
+    if !bool::from(subtle::ConstantTimeEq::ct_eq(presented, key.as_bytes())) {
+        return reject(RejectReason::Unauthorized);
+    }
+    if first_header(headers, "transfer-encoding").is_some() {
+        // Only Content-Length framing is spoken here; chunked bodies are refused.
+        return reject(RejectReason::BadRequest);
+    }
+    let body_len = match first_header(headers, "content-length") {
+        None => 0,
+        Some(value) => match std::str::from_utf8(value)
+            .ok()
+            .and_then(|text| text.parse::<usize>().ok())
+        {
+            Some(length) => length,
+            None => return reject(RejectReason::BadRequest),
+        },
+    };
+    if body_len > policy.max_body_bytes {
+        return reject(RejectReason::PayloadTooLarge);
+    }
+    Decision::Serve {
+        route,
+        head_len,
+        body_len,
+        keep_alive,
     }
 }
 
@@ -678,6 +790,7 @@ mod tests {
         open_connections: usize,
         echo_enabled: bool,
         demo_mode: bool,
+        api_key: Option<String>,
     }
 
     impl Setup {
@@ -689,6 +802,7 @@ mod tests {
                 open_connections: 0,
                 echo_enabled: false,
                 demo_mode: false,
+                api_key: None,
             }
         }
 
@@ -701,6 +815,8 @@ mod tests {
                 echo_enabled: self.echo_enabled,
                 demo_mode: self.demo_mode,
                 now_secs: NOW,
+                api_key: self.api_key.as_deref(),
+                max_body_bytes: 1024,
             }
         }
 
@@ -778,7 +894,9 @@ mod tests {
                 identity.user_id,
                 String::from_utf8_lossy(response)
             ),
-            Some(Decision::Serve { route, head_len }) => format!("serve {route:?} {head_len}"),
+            Some(Decision::Serve {
+                route, head_len, ..
+            }) => format!("serve {route:?} {head_len}"),
             Some(Decision::Reject { reason, response }) => {
                 format!("reject {reason:?} {}", String::from_utf8_lossy(response))
             }
@@ -800,11 +918,16 @@ mod tests {
                 "origin",
                 "capacity",
                 "unauthorized",
-                "timeout"
+                "timeout",
+                "api_disabled",
+                "payload_too_large"
             ]
         );
         let statuses: Vec<u16> = RejectReason::ALL.iter().map(|r| r.status()).collect();
-        assert_eq!(statuses, [431, 400, 404, 405, 426, 426, 403, 503, 401, 408]);
+        assert_eq!(
+            statuses,
+            [431, 400, 404, 405, 426, 426, 403, 503, 401, 408, 403, 413]
+        );
     }
 
     /// RFC 6455 §1.3's worked example. (The value is the RFC's and matches
@@ -885,8 +1008,80 @@ mod tests {
             Some(Decision::Serve {
                 route: HttpRoute::Health,
                 head_len,
+                ..
             }) => assert_eq!(head_len, len),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn server_api_checks_key_then_body_size() {
+        let mut setup = Setup::new();
+        let publish = |headers: &str| raw("POST", "/api/publish", headers);
+        assert_reject(
+            &setup.decide(&publish("Authorization: Bearer k\r\n")),
+            RejectReason::ApiDisabled,
+        );
+        setup.api_key = Some("k".into());
+        assert_reject(&setup.decide(&publish("")), RejectReason::Unauthorized);
+        assert_reject(
+            &setup.decide(&publish("Authorization: Bearer wrong\r\n")),
+            RejectReason::Unauthorized,
+        );
+        assert_reject(
+            &setup.decide(&publish(
+                "Authorization: Bearer k\r\nContent-Length: 1025\r\n",
+            )),
+            RejectReason::PayloadTooLarge,
+        );
+        assert_reject(
+            &setup.decide(&publish("Authorization: Bearer k\r\nContent-Length: x\r\n")),
+            RejectReason::BadRequest,
+        );
+        assert_reject(
+            &setup.decide(&publish(
+                "Authorization: Bearer k\r\nTransfer-Encoding: chunked\r\n",
+            )),
+            RejectReason::BadRequest,
+        );
+        match setup.decide(&publish(
+            "Authorization: Bearer k\r\nContent-Length: 12\r\n",
+        )) {
+            Decision::Serve {
+                route: HttpRoute::Publish,
+                body_len: 12,
+                keep_alive: true,
+                ..
+            } => {}
+            other => panic!("{other:?}"),
+        }
+        match setup.decide(&raw(
+            "POST",
+            "/api/disconnect",
+            "Authorization: Bearer k\r\nConnection: close\r\n",
+        )) {
+            Decision::Serve {
+                route: HttpRoute::Disconnect,
+                body_len: 0,
+                keep_alive: false,
+                ..
+            } => {}
+            other => panic!("{other:?}"),
+        }
+        assert_reject(
+            &setup.decide(&raw("GET", "/api/publish", "")),
+            RejectReason::Method,
+        );
+        for (target, route) in [
+            ("/", HttpRoute::Page),
+            ("/roomcast.js", HttpRoute::ClientScript),
+            ("/metrics", HttpRoute::Metrics),
+            ("/api/stats", HttpRoute::Stats),
+        ] {
+            match setup.decide(&raw("GET", target, "")) {
+                Decision::Serve { route: got, .. } => assert_eq!(got, route),
+                other => panic!("{target}: {other:?}"),
+            }
         }
     }
 
@@ -1001,9 +1196,8 @@ mod tests {
             "/ws/",
             "/ws/a/b",
             "/ws//",
-            "/",
-            "/metrics",
-            "/api/stats",
+            "/metricsx",
+            "/api/statsx",
             "/echo",
             "/demo/token",
             "*",
@@ -1081,6 +1275,7 @@ mod tests {
                 Decision::Serve {
                     route: HttpRoute::Health,
                     head_len,
+                    ..
                 } => assert_eq!(head_len, request.len()),
                 other => panic!("{request:?}: {other:?}"),
             }

@@ -375,7 +375,11 @@ impl Hub {
     /// Connections whose queue gained bytes since the last call; each is listed once.
     pub fn take_dirty(&mut self, into: &mut Vec<ConnId>) {
         for conn in self.dirty.drain(..) {
-            if let Some(session) = self.sessions.get_mut(conn).and_then(Option::as_mut) {
+            // A key released and reused since it was listed appears twice: the
+            // flag lets only the first entry through.
+            if let Some(session) = self.sessions.get_mut(conn).and_then(Option::as_mut)
+                && session.dirty
+            {
                 session.dirty = false;
                 into.push(conn);
             }

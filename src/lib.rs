@@ -4,6 +4,7 @@
 //! [`protocol`], [`hub`] and [`outbound`] take bytes or events and return bytes
 //! or decisions; [`server`] is the only module that touches sockets.
 
+pub mod assets;
 pub mod auth;
 pub mod config;
 pub mod handshake;

@@ -22,10 +22,12 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext};
 use tungstenite::{Message, Utf8Bytes};
 
+use crate::assets;
 use crate::auth::{self, TokenClaims, Verifier};
 use crate::config::ServerArgs;
 use crate::handshake::{self, Decision, Endpoint, HttpRoute, Policy, RejectReason};
 use crate::hub::{CloseRequest, ConnId, Hub, HubConfig, Millis};
+use crate::metrics::Gauges;
 use crate::outbound::{Marks, OutboundQueue};
 use crate::state;
 use crate::timers::Deadlines;
@@ -458,8 +460,10 @@ impl Server {
         }
     }
 
-    /// Reads a request head until it is complete, then acts on the decision.
+    /// Reads request bytes, and answers every complete request in them: a
+    /// plain HTTP connection may carry several (keep-alive), an upgrade ends it.
     fn read_http(&mut self, key: usize, now: Millis) {
+        let buffer_cap = handshake::MAX_HEAD_BYTES + self.args.max_message_bytes();
         let Some(connection) = self.connections.get_mut(key) else {
             return;
         };
@@ -473,8 +477,8 @@ impl Server {
         let mut chunk = [0u8; 4096];
         let mut peer_closed = false;
         loop {
-            // Read at most one byte past the cap: enough to know the head is too large.
-            if head.len() > handshake::MAX_HEAD_BYTES {
+            // Read at most a little past the cap: enough to know a request is too large.
+            if head.len() > buffer_cap {
                 break;
             }
             match connection.socket.read(&mut chunk) {
@@ -495,6 +499,27 @@ impl Server {
                 }
             }
         }
+        while self.answer_next_request(key, now) {}
+        let waiting = self.connections.get(key).is_some_and(|connection| {
+            matches!(connection.phase, Phase::Http { .. }) && !connection.close_when_flushed
+        });
+        if peer_closed && waiting {
+            self.schedule_free(key);
+        }
+    }
+
+    /// Decides on the request at the front of the connection's buffer and acts
+    /// on it. True when it answered one and the connection waits for another.
+    fn answer_next_request(&mut self, key: usize, now: Millis) -> bool {
+        let Some(connection) = self.connections.get_mut(key) else {
+            return false;
+        };
+        let Phase::Http { head, .. } = &mut connection.phase else {
+            return false;
+        };
+        if head.is_empty() || connection.close_when_flushed {
+            return false;
+        }
         let policy = Policy {
             verifier: &self.verifier,
             allowed_origins: &self.args.allowed_origin,
@@ -503,24 +528,37 @@ impl Server {
             echo_enabled: self.args.echo,
             demo_mode: self.demo_secret.is_some(),
             now_secs: now / 1000,
+            api_key: self.args.api_key.as_deref(),
+            max_body_bytes: self.args.max_message_bytes(),
         };
         let decision = handshake::decide(head, &policy);
         match decision {
-            None if peer_closed => self.schedule_free(key),
-            None => {}
+            None => false,
             Some(Decision::Reject { reason, response }) => {
                 self.hub.metrics_mut().reject(reason);
                 debug!(
-                    "connection {key} ({}): handshake rejected: {} ({})",
+                    "connection {key} ({}): request refused: {} ({})",
                     connection.peer,
                     reason.status(),
                     reason.label()
                 );
-                self.answer_http(key, Bytes::from(response));
+                self.answer_http(key, Bytes::from(response), false, 0, now);
+                false
             }
-            Some(Decision::Serve { route, .. }) => {
-                let response = self.serve(route);
-                self.answer_http(key, Bytes::from(response));
+            Some(Decision::Serve {
+                route,
+                head_len,
+                body_len,
+                keep_alive,
+            }) => {
+                let request_len = head_len.saturating_add(body_len);
+                if head.len() < request_len {
+                    return false;
+                }
+                let body = head.get(head_len..request_len).unwrap_or_default().to_vec();
+                let response = self.serve(route, &body, keep_alive, now);
+                self.answer_http(key, Bytes::from(response), keep_alive, request_len, now);
+                keep_alive
             }
             Some(Decision::Upgrade {
                 response,
@@ -540,11 +578,23 @@ impl Server {
                 );
                 connection.deadline = None;
                 let echo = endpoint == Endpoint::Echo;
-                connection.phase = Phase::WebSocket {
-                    context: Box::new(context),
-                    echo,
+                let pending = match std::mem::replace(
+                    &mut connection.phase,
+                    Phase::WebSocket {
+                        context: Box::new(context),
+                        echo,
+                    },
+                ) {
+                    Phase::Http { response, .. } => response,
+                    _ => OutboundQueue::new(),
                 };
-                let upgrade = Bytes::from(response);
+                let mut upgrade = Bytes::from(response);
+                if !pending.is_empty() {
+                    // Answers to earlier requests on this connection go out first.
+                    let mut joined = pending.to_vec();
+                    joined.extend_from_slice(&upgrade);
+                    upgrade = Bytes::from(joined);
+                }
                 match endpoint {
                     Endpoint::Echo => {
                         self.hub.connect_echo(key, now);
@@ -561,24 +611,53 @@ impl Server {
                 // Frames that came with the head are already buffered: parse them now,
                 // no further readiness edge will announce them.
                 self.read_websocket(key, now);
+                false
             }
         }
     }
 
-    /// The answer to a plain HTTP request (`/health`, `/demo/token`).
-    fn serve(&self, route: HttpRoute) -> Vec<u8> {
+    /// The answer to a plain HTTP request.
+    fn serve(&mut self, route: HttpRoute, body: &[u8], keep_alive: bool, now: Millis) -> Vec<u8> {
+        const JSON: &str = "application/json";
+        let respond = |status: u16, content_type: &str, body: &[u8]| {
+            handshake::response_with(status, content_type, body, &[], keep_alive)
+        };
         match route {
-            HttpRoute::Health => {
-                handshake::response(200, "application/json", br#"{"status":"ok"}"#, &[])
+            HttpRoute::Health => respond(200, JSON, br#"{"status":"ok"}"#),
+            HttpRoute::Page => respond(200, "text/html; charset=utf-8", assets::INDEX_HTML),
+            HttpRoute::ClientScript => {
+                respond(200, "text/javascript; charset=utf-8", assets::CLIENT_JS)
+            }
+            HttpRoute::Metrics => {
+                let text = self.hub.metrics().prometheus(self.gauges());
+                respond(
+                    200,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    text.as_bytes(),
+                )
+            }
+            HttpRoute::Stats => {
+                let json = self.hub.metrics().stats_json(self.gauges());
+                respond(200, JSON, json.as_bytes())
+            }
+            HttpRoute::Publish | HttpRoute::Disconnect => {
+                let answer = if route == HttpRoute::Publish {
+                    self.hub.api_publish(body, now)
+                } else {
+                    self.hub.api_disconnect(body, now)
+                };
+                match answer {
+                    Ok(json) => respond(200, JSON, json.as_bytes()),
+                    Err(message) => {
+                        self.hub.metrics_mut().reject(RejectReason::BadRequest);
+                        let json = serde_json::json!({ "error": message }).to_string();
+                        respond(400, JSON, json.as_bytes())
+                    }
+                }
             }
             HttpRoute::DemoToken { name } => {
                 let Some(secret) = &self.demo_secret else {
-                    return handshake::response(
-                        404,
-                        "text/plain; charset=utf-8",
-                        b"404 Not Found\n",
-                        &[],
-                    );
+                    return respond(404, "text/plain; charset=utf-8", b"404 Not Found\n");
                 };
                 let user_id = format!("guest-{:04x}", getrandom::u32().unwrap_or(0) & 0xffff);
                 let name = name
@@ -590,7 +669,7 @@ impl Server {
                     &TokenClaims {
                         sub: user_id.clone(),
                         name: Some(name.clone()),
-                        expires_at: Some(now_ms() / 1000 + DEMO_TOKEN_TTL_SECS),
+                        expires_at: Some(now / 1000 + DEMO_TOKEN_TTL_SECS),
                         rooms: None,
                     },
                 );
@@ -598,22 +677,48 @@ impl Server {
                     "token": token,
                     "user": {"id": user_id, "name": name},
                 });
-                handshake::response(200, "application/json", body.to_string().as_bytes(), &[])
+                respond(200, JSON, body.to_string().as_bytes())
             }
         }
     }
 
-    fn answer_http(&mut self, key: usize, response: Bytes) {
+    fn gauges(&self) -> Gauges {
+        Gauges {
+            connections: self.hub.connection_count(),
+            rooms: self.hub.occupied_room_count(),
+            redis_up: None,
+        }
+    }
+
+    /// Queues an HTTP answer. With `keep_alive`, the answered request's
+    /// `consumed` bytes leave the buffer and the connection waits for the next
+    /// one, for at most the handshake timeout; otherwise it closes once written.
+    fn answer_http(
+        &mut self,
+        key: usize,
+        response: Bytes,
+        keep_alive: bool,
+        consumed: usize,
+        now: Millis,
+    ) {
         let Some(connection) = self.connections.get_mut(key) else {
             return;
         };
         if let Phase::Http {
-            response: queue, ..
+            response: queue,
+            head,
         } = &mut connection.phase
         {
             queue.push(response);
-            connection.close_when_flushed = true;
             self.http_dirty.push(key);
+            if keep_alive {
+                head.drain(..consumed.min(head.len()));
+                let deadline = now.saturating_add(self.args.handshake_timeout_ms);
+                connection.deadline = Some(deadline);
+                self.timers.schedule(deadline, ServerTimer::Deadline(key));
+            } else {
+                connection.close_when_flushed = true;
+            }
         }
     }
 

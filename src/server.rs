@@ -176,6 +176,25 @@ impl Write for QueueStream<'_> {
     }
 }
 
+/// The kernel caps this at `net.core.somaxconn` (4096 on current Linux).
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A non-blocking listener with a deep accept backlog: std and mio listen with
+/// 128, which overflows (and makes clients wait for SYN retransmits) when a
+/// thousand clients reconnect at once after a restart.
+fn listen(address: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
 /// Reads the wall clock once; everything in one loop iteration shares it.
 fn now_ms() -> Millis {
     SystemTime::now()
@@ -231,7 +250,7 @@ impl Server {
         };
         let verifier = Verifier::new(secret.as_bytes());
         let poll = Poll::new()?;
-        let mut listener = TcpListener::bind(args.listen).map_err(|source| ServerError::Bind {
+        let mut listener = listen(args.listen).map_err(|source| ServerError::Bind {
             address: args.listen,
             source,
         })?;

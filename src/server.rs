@@ -643,10 +643,22 @@ impl Server {
         };
         match route {
             HttpRoute::Health => respond(200, JSON, br#"{"status":"ok"}"#),
-            HttpRoute::Page => respond(200, "text/html; charset=utf-8", assets::INDEX_HTML),
-            HttpRoute::ClientScript => {
-                respond(200, "text/javascript; charset=utf-8", assets::CLIENT_JS)
-            }
+            // The assets change with the binary: browsers revalidate instead of
+            // running a previous version's client against a new server.
+            HttpRoute::Page => handshake::response_with(
+                200,
+                "text/html; charset=utf-8",
+                assets::INDEX_HTML,
+                &[("Cache-Control", "no-cache")],
+                keep_alive,
+            ),
+            HttpRoute::ClientScript => handshake::response_with(
+                200,
+                "text/javascript; charset=utf-8",
+                assets::CLIENT_JS,
+                &[("Cache-Control", "no-cache")],
+                keep_alive,
+            ),
             HttpRoute::Metrics => {
                 let text = self.hub.metrics().prometheus(self.gauges());
                 respond(

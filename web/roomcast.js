@@ -54,7 +54,9 @@ const DEFAULTS = {
   requestTimeoutMs: 15000, // a request without a reply by then is rejected with "timeout"
   outboxTimeoutMs: 60000, // a queued (offline) request not sent by then is rejected
   typingIdleMs: 3000, // send typing:false after this long without input
-  typingRefreshMs: 2000, // while input continues, repeat typing:true this often
+  // While input continues, repeat typing:true at most this often. Keep it under the
+  // server's --typing-timeout-ms (default 6000), which expires a silent typist.
+  typingRefreshMs: 1000,
   rateLimitRetries: 3, // resend a rate-limited message/direct this many times
   rateLimitDelayMs: 1000,
   history: false, // default for join(): on the first join, replay the room's backlog (since: 0)
@@ -146,7 +148,8 @@ export class RoomcastClient extends EventTarget {
       if (this.state === States.RECONNECTING && !this._ws) this._open("online");
     };
 
-    if (this.options.autoConnect) this.connect();
+    // On the next microtask, so listeners added right after `new` see "connecting".
+    if (this.options.autoConnect) queueMicrotask(() => this._stopped && this.state === States.IDLE && this.connect());
   }
 
   // ---- public API -------------------------------------------------------------
@@ -364,7 +367,8 @@ export class RoomcastClient extends EventTarget {
     this.nextRetryAt = null;
     if (this._stopped) return;
     const gen = ++this._gen;
-    this._setState(this.state === States.IDLE || this.state === States.CLOSED ? States.CONNECTING : this.state);
+    const s = this.state;
+    this._setState(s === States.IDLE || s === States.CLOSED ? States.CONNECTING : States.RECONNECTING);
 
     let token = this._token;
     if (this._getToken && (this._freshToken || !token)) {
@@ -779,7 +783,8 @@ export class RoomcastClient extends EventTarget {
       } catch (err) {
         return this._emit("error", { code: "token_unavailable", message: `getToken failed: ${err?.message ?? err}` });
       }
-      if (!this._ready || !token) return;
+      // The same token again means the app cannot renew it: leave it to close 4001.
+      if (!this._ready || !token || token === this._token) return;
       this.refresh(token).catch((err) =>
         this._emit("error", { code: err.code ?? "refresh_failed", message: err.message }),
       );

@@ -1,0 +1,132 @@
+//! Browser tests of the demo page (`web/index.html`) and its client module
+//! (`web/roomcast.js`), driven from `cargo test`:
+//!
+//! - `client_module_logic`: `node --test tests/browser/client.test.mjs`, the
+//!   client's reconnect, recovery and ordering rules against a scripted fake
+//!   WebSocket (needs only Node.js);
+//! - `chat_page_in_headless_chromium`: `node tests/browser/chat.test.mjs`, the
+//!   page in Debian's Chromium through playwright-core against this crate's
+//!   `roomcast` binary, including a server restart (needs Node.js, npm and
+//!   `/usr/bin/chromium`).
+//!
+//! `tests/browser/node_modules` is installed with `npm ci` when missing. A
+//! missing tool fails the test with the command that installs it, unless
+//! `ROOMCAST_SKIP_BROWSER=1`, which skips both tests with a notice.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const INSTALL_HINT: &str = "install them with `apt-get update && apt-get install -y chromium chromium-driver nodejs npm` \
+     (or set ROOMCAST_SKIP_BROWSER=1 to skip the browser tests)";
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn browser_dir() -> PathBuf {
+    root().join("tests").join("browser")
+}
+
+fn skipped(test: &str) -> bool {
+    let skip = std::env::var("ROOMCAST_SKIP_BROWSER").is_ok_and(|v| v == "1");
+    if skip {
+        eprintln!("SKIPPED {test}: ROOMCAST_SKIP_BROWSER=1");
+    }
+    skip
+}
+
+fn tool_works(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success())
+}
+
+/// Panics naming whatever is missing and how to install it.
+fn require(node: bool, npm: bool, chromium: bool) {
+    let mut missing = Vec::new();
+    if node && !tool_works("node") {
+        missing.push("node (Node.js)");
+    }
+    if npm && !tool_works("npm") {
+        missing.push("npm");
+    }
+    if chromium && !Path::new(CHROMIUM).exists() {
+        missing.push("Chromium at /usr/bin/chromium");
+    }
+    assert!(
+        missing.is_empty(),
+        "the browser tests need {}: {INSTALL_HINT}",
+        missing.join(", ")
+    );
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "exit status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `npm ci` in tests/browser when playwright-core is not installed yet.
+fn install_node_modules() {
+    let dir = browser_dir();
+    if dir.join("node_modules").join("playwright-core").exists() {
+        return;
+    }
+    require(true, true, false);
+    let out = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&dir)
+        .output()
+        .expect("run npm ci");
+    assert!(
+        out.status.success(),
+        "`npm ci` in {} failed:\n{}",
+        dir.display(),
+        show(&out)
+    );
+}
+
+#[test]
+fn client_module_logic() {
+    if skipped("client_module_logic") {
+        return;
+    }
+    require(true, false, false);
+    let out = Command::new("node")
+        .args(["--test", "tests/browser/client.test.mjs"])
+        .current_dir(root())
+        .output()
+        .expect("run node --test");
+    assert!(
+        out.status.success(),
+        "web/roomcast.js unit tests failed:\n{}",
+        show(&out)
+    );
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn chat_page_in_headless_chromium() {
+    if skipped("chat_page_in_headless_chromium") {
+        return;
+    }
+    require(true, true, true);
+    install_node_modules();
+    let out = Command::new("node")
+        .arg("tests/browser/chat.test.mjs")
+        .env("ROOMCAST_BIN", env!("CARGO_BIN_EXE_roomcast"))
+        .current_dir(root())
+        .output()
+        .expect("run node tests/browser/chat.test.mjs");
+    assert!(
+        out.status.success(),
+        "the browser test failed (screenshots in target/browser/):\n{}",
+        show(&out)
+    );
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+}

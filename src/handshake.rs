@@ -610,8 +610,14 @@ fn decide_api(
     let Some(key) = policy.api_key else {
         return reject(RejectReason::ApiDisabled);
     };
+    // The scheme name is case-insensitive (RFC 9110 §11.1).
     let presented = first_header(headers, "authorization")
-        .and_then(|value| value.strip_prefix(b"Bearer "))
+        .and_then(|value| {
+            let (scheme, credentials) = value.split_at_checked(7)?;
+            scheme
+                .eq_ignore_ascii_case(b"bearer ")
+                .then_some(credentials)
+        })
         .unwrap_or_default();
     if !bool::from(subtle::ConstantTimeEq::ct_eq(presented, key.as_bytes())) {
         return reject(RejectReason::Unauthorized);
@@ -620,15 +626,8 @@ fn decide_api(
         // Only Content-Length framing is spoken here; chunked bodies are refused.
         return reject(RejectReason::BadRequest);
     }
-    let body_len = match first_header(headers, "content-length") {
-        None => 0,
-        Some(value) => match std::str::from_utf8(value)
-            .ok()
-            .and_then(|text| text.parse::<usize>().ok())
-        {
-            Some(length) => length,
-            None => return reject(RejectReason::BadRequest),
-        },
+    let Some(body_len) = content_length(headers) else {
+        return reject(RejectReason::BadRequest);
     };
     if body_len > policy.max_body_bytes {
         return reject(RejectReason::PayloadTooLarge);
@@ -639,6 +638,23 @@ fn decide_api(
         body_len,
         keep_alive,
     }
+}
+
+/// The body length: 0 without `Content-Length`; `None` (a `400`) unless every
+/// `Content-Length` line is the same run of digits (RFC 9112 §6.3).
+fn content_length(headers: &[httparse::Header<'_>]) -> Option<usize> {
+    let mut length = None;
+    for value in header_lines(headers, "content-length") {
+        if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let parsed = std::str::from_utf8(value).ok()?.parse::<usize>().ok()?;
+        if length.is_some_and(|earlier| earlier != parsed) {
+            return None;
+        }
+        length = Some(parsed);
+    }
+    Some(length.unwrap_or(0))
 }
 
 /// Values (trimmed of surrounding whitespace) of every line of header `name`.

@@ -267,7 +267,7 @@ impl Metrics {
         }
         let histogram = &self.loop_iterations;
         object.insert(
-            "loop_iterations_total".into(),
+            "loop_iteration_seconds_count".into(),
             serde_json::Value::from(histogram.count()),
         );
         object.insert(

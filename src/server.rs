@@ -482,22 +482,32 @@ impl Server {
     /// Reads request bytes, and answers every complete request in them: a
     /// plain HTTP connection may carry several (keep-alive), an upgrade ends it.
     fn read_http(&mut self, key: usize, now: Millis) {
+        // Answering consumes requests from the buffer; a read that stopped at
+        // the cap must go on, since no new readiness edge will say so.
+        while self.read_http_once(key, now) {}
+    }
+
+    /// Reads up to the buffer cap, answers the complete requests, and says
+    /// whether reading stopped at the cap with room made since.
+    fn read_http_once(&mut self, key: usize, now: Millis) -> bool {
         let buffer_cap = handshake::MAX_HEAD_BYTES + self.args.max_message_bytes();
         let Some(connection) = self.connections.get_mut(key) else {
-            return;
+            return false;
         };
         let Phase::Http { head, .. } = &mut connection.phase else {
-            return;
+            return false;
         };
         if connection.close_when_flushed {
             // An answer is on its way out; later bytes are not read.
-            return;
+            return false;
         }
         let mut chunk = [0u8; 4096];
         let mut peer_closed = false;
+        let mut at_cap = false;
         loop {
             // Read at most a little past the cap: enough to know a request is too large.
             if head.len() > buffer_cap {
+                at_cap = true;
                 break;
             }
             match connection.socket.read(&mut chunk) {
@@ -519,11 +529,20 @@ impl Server {
             }
         }
         while self.answer_next_request(key, now) {}
-        let waiting = self.connections.get(key).is_some_and(|connection| {
-            matches!(connection.phase, Phase::Http { .. }) && !connection.close_when_flushed
-        });
-        if peer_closed && waiting {
-            self.schedule_free(key);
+        let waiting = self
+            .connections
+            .get(key)
+            .and_then(|connection| match &connection.phase {
+                Phase::Http { head, .. } if !connection.close_when_flushed => Some(head.len()),
+                _ => None,
+            });
+        match waiting {
+            Some(_) if peer_closed => {
+                self.schedule_free(key);
+                false
+            }
+            Some(buffered) => at_cap && buffered <= buffer_cap,
+            None => false,
         }
     }
 
@@ -575,7 +594,7 @@ impl Server {
                     return false;
                 }
                 let body = head.get(head_len..request_len).unwrap_or_default().to_vec();
-                let response = self.serve(route, &body, keep_alive, now);
+                let (response, keep_alive) = self.serve(route, &body, keep_alive, now);
                 self.answer_http(key, Bytes::from(response), keep_alive, request_len, now);
                 keep_alive
             }
@@ -635,13 +654,21 @@ impl Server {
         }
     }
 
-    /// The answer to a plain HTTP request.
-    fn serve(&mut self, route: HttpRoute, body: &[u8], keep_alive: bool, now: Millis) -> Vec<u8> {
+    /// The answer to a plain HTTP request, and whether the connection stays
+    /// open after it (a refused body closes it, like every refusal).
+    fn serve(
+        &mut self,
+        route: HttpRoute,
+        body: &[u8],
+        keep_alive: bool,
+        now: Millis,
+    ) -> (Vec<u8>, bool) {
         const JSON: &str = "application/json";
         let respond = |status: u16, content_type: &str, body: &[u8]| {
             handshake::response_with(status, content_type, body, &[], keep_alive)
         };
-        match route {
+        let mut keep = keep_alive;
+        let response = match route {
             HttpRoute::Health => respond(200, JSON, br#"{"status":"ok"}"#),
             // The assets change with the binary: browsers revalidate instead of
             // running a previous version's client against a new server.
@@ -682,13 +709,22 @@ impl Server {
                     Err(message) => {
                         self.hub.metrics_mut().reject(RejectReason::BadRequest);
                         let json = serde_json::json!({ "error": message }).to_string();
-                        respond(400, JSON, json.as_bytes())
+                        keep = false;
+                        handshake::response_with(400, JSON, json.as_bytes(), &[], false)
                     }
                 }
             }
             HttpRoute::DemoToken { name } => {
                 let Some(secret) = &self.demo_secret else {
-                    return respond(404, "text/plain; charset=utf-8", b"404 Not Found\n");
+                    return (
+                        handshake::response(
+                            404,
+                            "text/plain; charset=utf-8",
+                            b"404 Not Found\n",
+                            &[],
+                        ),
+                        false,
+                    );
                 };
                 let user_id = format!("guest-{:04x}", getrandom::u32().unwrap_or(0) & 0xffff);
                 let name = name
@@ -710,7 +746,8 @@ impl Server {
                 });
                 respond(200, JSON, body.to_string().as_bytes())
             }
-        }
+        };
+        (response, keep)
     }
 
     fn gauges(&self) -> Gauges {

@@ -13,7 +13,7 @@ mod common;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
-use common::{HS_DEMO, HS_ECHO, HS_FULL, HS_ORIGINS, op, template};
+use common::{HS_API, HS_DEMO, HS_ECHO, HS_FULL, HS_ORIGINS, HS_SMALL_BODY, op, template};
 use roomcast::auth::{TokenClaims, sign};
 
 type Target = fn(&[u8]);
@@ -153,6 +153,11 @@ fn upgrade(target: &str, extra: &str) -> String {
     )
 }
 
+/// A server-API request head with the `Authorization` value and extra headers.
+fn api(target: &str, authorization: &str, extra: &str) -> String {
+    format!("POST {target} HTTP/1.1\r\nAuthorization: {authorization}\r\n{extra}\r\n")
+}
+
 fn handshake_seeds() -> Vec<(String, Vec<u8>)> {
     let now = common::HANDSHAKE_NOW_SECS;
     let good = token("alice", Some(now + 3600));
@@ -277,6 +282,73 @@ fn handshake_seeds() -> Vec<(String, Vec<u8>)> {
         ),
         ("partial", 0, 0, "GET /ws HTTP/1.1\r\nUpgrade: webso".into()),
         ("garbage", 0, 0, "\u{0}\u{1}\u{ff}zz \r\n\r\n".into()),
+        (
+            "page",
+            0,
+            0,
+            "GET / HTTP/1.1\r\nConnection: close\r\n\r\n".into(),
+        ),
+        (
+            "client_script",
+            0,
+            4,
+            "GET /roomcast.js HTTP/1.1\r\n\r\n".into(),
+        ),
+        ("metrics", 0, 0, "GET /metrics HTTP/1.0\r\n\r\n".into()),
+        (
+            "stats",
+            0,
+            0,
+            "GET /api/stats?x=1 HTTP/1.1\r\nConnection: keep-alive\r\n\r\n".into(),
+        ),
+        (
+            "api_publish",
+            HS_API,
+            2,
+            api("/api/publish", "Bearer key", "Content-Length: 38\r\n")
+                + r#"{"room":"lobby","content":{"n":1}}   "#,
+        ),
+        (
+            "api_disconnect",
+            HS_API,
+            0,
+            api("/api/disconnect", "Bearer key", "Content-Length: 16\r\n") + r#"{"user":"alice"}"#,
+        ),
+        (
+            "api_wrong_key",
+            HS_API,
+            0,
+            api("/api/publish", "Bearer nope", "Content-Length: 2\r\n") + "{}",
+        ),
+        ("api_disabled", 0, 0, api("/api/publish", "Bearer key", "")),
+        (
+            "api_too_large",
+            HS_API | HS_SMALL_BODY,
+            0,
+            api("/api/publish", "Bearer key", "Content-Length: 17\r\n"),
+        ),
+        (
+            "api_chunked",
+            HS_API,
+            0,
+            api(
+                "/api/publish",
+                "Bearer key",
+                "Transfer-Encoding: chunked\r\n",
+            ),
+        ),
+        (
+            "api_bad_length",
+            HS_API,
+            0,
+            api("/api/publish", "Bearer key", "Content-Length: -1\r\n"),
+        ),
+        (
+            "api_get",
+            HS_API,
+            0,
+            "GET /api/publish HTTP/1.1\r\n\r\n".into(),
+        ),
     ];
     cases
         .into_iter()
@@ -484,6 +556,26 @@ fn hub_seeds() -> Vec<(String, Vec<u8>)> {
                 .write(1, 255)
                 .raw_op(op::DRAINED, &[1])
                 .flush(),
+        ),
+        (
+            "api_and_restart",
+            Ops::default()
+                .connect(0, 0, 0, 1)
+                .connect(1, 1, 0, 1)
+                .text(0, MESSAGE, &[lobby, 0, 0, 0])
+                .raw_op(op::API_PUBLISH, &[0, lobby, 2, 0])
+                .raw_op(op::API_PUBLISH, &[1, 0, 1, 0])
+                .raw_op(op::API_PUBLISH, &[1, 4, 1, 0])
+                .raw_op(op::API_PUBLISH, &[3])
+                .flush()
+                .raw_op(op::API_DISCONNECT, &[0, 1])
+                .flush()
+                .raw_op(op::RESTART, &[])
+                .connect(0, 0, 0, 0)
+                .text(0, JOIN, &[lobby, 1, 1, 0])
+                .flush()
+                .raw_op(op::API_DISCONNECT, &[2, 3])
+                .raw_op(op::API_DISCONNECT, &[1]),
         ),
         (
             "disconnect_release_reconnect",

@@ -81,7 +81,13 @@ fn read_until_close(stream: &mut TcpStream) -> (Vec<u8>, bool) {
     loop {
         match stream.read(&mut chunk) {
             Ok(0) => return (answer, true),
-            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            Ok(n) => {
+                answer.extend_from_slice(&chunk[..n]);
+                // A kept-alive answer is whole without the server closing.
+                if common::complete_keep_alive_response(&answer) {
+                    return (answer, false);
+                }
+            }
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 return (answer, false);

@@ -862,7 +862,8 @@ impl Drop for FdLimitedServer {
     }
 }
 
-const HEALTH: &[u8] = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n";
+// `Connection: close`: each answer ends with EOF, so `read_to_end` returns.
+const HEALTH: &[u8] = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
 
 #[test]
 fn out_of_descriptors_pauses_accepting_and_recovers() {

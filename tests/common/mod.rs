@@ -111,12 +111,23 @@ impl TestServer {
     }
 
     /// Sends raw bytes and returns everything the server answers until it closes.
+    /// A response the server keeps the connection open after (keep-alive)
+    /// is returned once complete; any other is read until the server closes.
     pub fn raw(&self, request: &[u8]) -> String {
         let mut stream = TcpStream::connect(self.addr).expect("tcp connect");
         stream.set_read_timeout(Some(WAIT)).unwrap();
         stream.write_all(request).unwrap();
         let mut answer = Vec::new();
-        let _ = stream.read_to_end(&mut answer);
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(read) => answer.extend_from_slice(&chunk[..read]),
+            }
+            if complete_keep_alive_response(&answer) {
+                break;
+            }
+        }
         String::from_utf8_lossy(&answer).into_owned()
     }
 
@@ -138,6 +149,25 @@ impl Drop for TestServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Whether `bytes` hold a whole response (head and `Content-Length` body)
+/// that says `Connection: keep-alive`.
+pub fn complete_keep_alive_response(bytes: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(bytes);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    let head = head.to_ascii_lowercase();
+    if !head.contains("\r\nconnection: keep-alive") {
+        return false;
+    }
+    let length = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|value| value.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    body.len() >= length
 }
 
 /// The status code in the first line of an HTTP response ("HTTP/1.1 404 …").

@@ -349,6 +349,16 @@ fn handshake_seeds() -> Vec<(String, Vec<u8>)> {
             0,
             "GET /api/publish HTTP/1.1\r\n\r\n".into(),
         ),
+        (
+            "api_lowercase_scheme_two_lengths",
+            HS_API,
+            1,
+            api(
+                "/api/disconnect",
+                "bearer key",
+                "Content-Length: 16\r\nContent-Length: 16\r\nConnection: close\r\n",
+            ) + r#"{"user":"alice"}"#,
+        ),
     ];
     cases
         .into_iter()

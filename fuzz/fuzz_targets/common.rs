@@ -35,25 +35,6 @@ pub const SECRET: &[u8] = b"secret";
 /// The handshake policy's clock (seconds).
 pub const HANDSHAKE_NOW_SECS: u64 = 1_700_000_000;
 
-/// Whether the known issue `name` is listed in `ROOMCAST_FUZZ_KNOWN`
-/// (comma-separated), so that a long fuzzing run keeps going past a bug that
-/// is already reported instead of stopping at it every time. The issues are
-/// listed in `fuzz/README.md`; the replay test never sets the variable, so
-/// their regression inputs fail there until `src/` is fixed.
-fn known_issue(name: &str) -> bool {
-    static KNOWN: OnceLock<Vec<String>> = OnceLock::new();
-    KNOWN
-        .get_or_init(|| {
-            std::env::var("ROOMCAST_FUZZ_KNOWN")
-                .unwrap_or_default()
-                .split(',')
-                .map(|issue| issue.trim().to_string())
-                .collect()
-        })
-        .iter()
-        .any(|issue| issue == name)
-}
-
 // ===========================================================================
 // handshake_head
 // ===========================================================================
@@ -66,6 +47,13 @@ pub const HS_DEMO: u8 = 2;
 pub const HS_ORIGINS: u8 = 4;
 /// Capacity reached: every upgrade is `503`.
 pub const HS_FULL: u8 = 8;
+/// `--api-key key`: the server API exists (otherwise `403`).
+pub const HS_API: u8 = 16;
+/// `--max-message-size 16`: API bodies over 16 bytes are `413`.
+pub const HS_SMALL_BODY: u8 = 32;
+
+/// The API key of `HS_API`.
+pub const API_KEY: &str = "key";
 
 fn verifier() -> &'static Verifier {
     static VERIFIER: OnceLock<Verifier> = OnceLock::new();
@@ -95,12 +83,8 @@ pub fn handshake_head(data: &[u8]) {
         echo_enabled: flags & HS_ECHO != 0,
         demo_mode: flags & HS_DEMO != 0,
         now_secs: HANDSHAKE_NOW_SECS,
-        api_key: if flags & HS_ECHO != 0 {
-            Some("key")
-        } else {
-            None
-        },
-        max_body_bytes: 4096,
+        api_key: (flags & HS_API != 0).then_some(API_KEY),
+        max_body_bytes: if flags & HS_SMALL_BODY != 0 { 16 } else { 4096 },
     };
 
     let whole = handshake::decide(request, &policy);
@@ -135,6 +119,23 @@ pub fn handshake_head(data: &[u8]) {
 /// Whether `head` (a head as `httparse` took it) ends with its blank line.
 fn ends_with_blank_line(head: &[u8]) -> bool {
     head.ends_with(b"\r\n\r\n") || head.ends_with(b"\n\n") || head.ends_with(b"\n\r\n")
+}
+
+/// Whether the head carries `Bearer key` (the scheme in any case).
+fn presents_key(head: &[u8]) -> bool {
+    let credentials = format!(" {API_KEY}");
+    (0..head.len()).any(|at| {
+        head[at..].len() >= 6
+            && head[at..at + 6].eq_ignore_ascii_case(b"bearer")
+            && head[at + 6..].starts_with(credentials.as_bytes())
+    })
+}
+
+/// Whether `needle` occurs in `haystack`.
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
 }
 
 /// Whether the request line (after any empty lines) is a `GET`.
@@ -197,14 +198,25 @@ fn check_decision(decision: &Decision, buffer: &[u8], policy: &Policy<'_>) {
             route,
             head_len,
             body_len,
-            ..
+            keep_alive,
         } => {
             check_head_len(*head_len, buffer);
+            let head = &buffer[..*head_len];
             let api = matches!(route, HttpRoute::Publish | HttpRoute::Disconnect);
             assert!(api || is_get(buffer), "serve of a non-GET");
             assert!(api || *body_len == 0, "a body on a GET endpoint");
             assert!(*body_len <= policy.max_body_bytes, "body over the limit");
             assert!(!api || policy.api_key.is_some(), "API without a key");
+            assert!(
+                !api || presents_key(head),
+                "API served without the key: {:?}",
+                String::from_utf8_lossy(head)
+            );
+            assert!(
+                !keep_alive || contains(head, b" HTTP/1.1\r\n") || contains(head, b" HTTP/1.1\n"),
+                "keep-alive for a request that is not HTTP/1.1: {:?}",
+                String::from_utf8_lossy(head)
+            );
             match route {
                 HttpRoute::Health
                 | HttpRoute::Page
@@ -233,6 +245,12 @@ fn check_decision(decision: &Decision, buffer: &[u8], policy: &Policy<'_>) {
             }
             if *reason == RejectReason::Origin {
                 assert!(!policy.allowed_origins.is_empty());
+            }
+            if *reason == RejectReason::ApiDisabled {
+                assert!(policy.api_key.is_none(), "api_disabled with a key");
+            }
+            if *reason == RejectReason::PayloadTooLarge {
+                assert!(policy.api_key.is_some(), "413 before the key check");
             }
         }
     }
@@ -331,13 +349,9 @@ pub fn envelope(data: &[u8]) {
             }
             if error.code == ErrorCode::InvalidJson {
                 assert!(!is_strict_json, "valid JSON called invalid_json: {text:?}");
-            } else if !is_json {
-                // Known issue `duplicate-key`: serde stops at a repeated
-                // top-level key before it reaches the syntax error.
-                let known =
-                    known_issue("duplicate-key") && error.message.starts_with("duplicate field");
+            } else {
                 assert!(
-                    known,
+                    is_json,
                     "{:?} ({}) for text that is not JSON (PROTOCOL §5: invalid_json comes \
                      first): {text:?}",
                     error.code, error.message
@@ -429,7 +443,7 @@ pub const STEPS: [Millis; 24] = [
     60_000, 299_999, 300_000, 300_001, 3_600_000,
 ];
 
-/// Operation codes: the op byte modulo 16.
+/// Operation codes: the op byte modulo [`op::COUNT`].
 pub mod op {
     /// `conn, user, profile, join`.
     pub const CONNECT: u8 = 0;
@@ -464,6 +478,15 @@ pub mod op {
     pub const BURST: u8 = 14;
     /// Jump to the next timer deadline and `tick`.
     pub const NEXT_DEADLINE: u8 = 15;
+    /// `kind, args…`: `POST /api/publish` (see `api_publish_body`).
+    pub const API_PUBLISH: u8 = 16;
+    /// `kind, args…`: `POST /api/disconnect` of a user, or a raw body.
+    pub const API_DISCONNECT: u8 = 17;
+    /// A restart with `--state-file`: the rooms are saved, the state file
+    /// parsed back, a fresh hub imports them; every connection is gone.
+    pub const RESTART: u8 = 18;
+    /// How many op codes there are: the op byte is taken modulo this.
+    pub const COUNT: u8 = 19;
 }
 
 /// `TEXT` templates: the first argument byte modulo 12.
@@ -732,6 +755,46 @@ fn template_text(input: &mut Input<'_>, user: usize, epochs: &HashMap<String, St
     }
 }
 
+/// The `version` of the state file (`state::VERSION`, private there).
+const STATE_VERSION: u32 = 1;
+
+/// A `POST /api/publish` body: to a room (any of `ROOMS`), to a user (or
+/// nobody), malformed, or raw fuzz bytes.
+fn api_publish_body(input: &mut Input<'_>) -> Vec<u8> {
+    match input.byte() % 5 {
+        0 => {
+            let room = *input.pick(&ROOMS);
+            let content = content_json(input.byte(), input.byte());
+            format!("{{\"room\":{},\"content\":{content}}}", json!(room)).into_bytes()
+        }
+        1 => {
+            let to = match input.byte() % 5 {
+                4 => "nobody",
+                n => USERS[usize::from(n)],
+            };
+            let content = content_json(input.byte(), input.byte());
+            format!("{{\"user\":{},\"content\":{content}}}", json!(to)).into_bytes()
+        }
+        2 => br#"{"room":"lobby","user":"alice","content":1}"#.to_vec(),
+        3 => br#"{"room":"lobby"}"#.to_vec(),
+        _ => {
+            let len = usize::from(input.byte());
+            input.take(len).to_vec()
+        }
+    }
+}
+
+/// An API answer is a JSON object; a refusal has a message.
+fn check_api_answer(answer: &Result<String, String>, step: usize) {
+    match answer {
+        Ok(body) => assert!(
+            serde_json::from_str::<Value>(body).is_ok_and(|value| value.is_object()),
+            "step {step}: API answer {body:?}"
+        ),
+        Err(message) => assert!(!message.is_empty(), "step {step}: empty API error"),
+    }
+}
+
 /// A write budget byte: `n × 24` bytes, 255 for everything.
 fn budget(byte: u8) -> usize {
     match byte {
@@ -811,10 +874,6 @@ struct Harness {
     /// The last epoch announced for each room name.
     epochs: HashMap<String, String>,
     step: usize,
-    /// Ids released since the last `take_dirty`.
-    released: [bool; CONNS],
-    /// Ids released and connected again since the last `take_dirty`.
-    reused: [bool; CONNS],
 }
 
 /// Input: a sequence of operations (see [`op`]); each op byte is followed by
@@ -833,13 +892,11 @@ pub fn hub_events(data: &[u8]) {
         clients: (0..CONNS).map(|_| None).collect(),
         epochs: HashMap::new(),
         step: 0,
-        released: [false; CONNS],
-        reused: [false; CONNS],
     };
     let mut input = Input { data };
     while let Some(code) = input.next() {
         harness.step += 1;
-        harness.apply(code % 16, &mut input);
+        harness.apply(code % op::COUNT, &mut input);
         harness.check();
     }
 }
@@ -856,7 +913,6 @@ impl Harness {
                     n => Some(ROOMS[usize::from(n - 1) % ROOMS.len()]),
                 };
                 if self.clients[conn].is_none() {
-                    self.reused[conn] |= self.released[conn];
                     self.hub
                         .connect(conn, identity(USERS[user], profile), join, self.now);
                     self.clients[conn] = Some(Client::new(user, false));
@@ -865,7 +921,6 @@ impl Harness {
             op::CONNECT_ECHO => {
                 let conn = input.conn();
                 if self.clients[conn].is_none() {
-                    self.reused[conn] |= self.released[conn];
                     self.hub.connect_echo(conn, self.now);
                     self.clients[conn] = Some(Client::new(0, true));
                 }
@@ -903,7 +958,7 @@ impl Harness {
             op::RELEASE => {
                 let conn = input.conn();
                 self.hub.release(conn, self.now);
-                self.released[conn] |= self.clients[conn].take().is_some();
+                self.clients[conn] = None;
             }
             op::TICK => {
                 self.now += *input.pick(&STEPS);
@@ -918,6 +973,26 @@ impl Harness {
                 }
                 self.hub.tick(self.now);
             }
+            op::API_PUBLISH => {
+                let body = api_publish_body(input);
+                let answer = self.hub.api_publish(&body, self.now);
+                check_api_answer(&answer, self.step);
+            }
+            op::API_DISCONNECT => {
+                let body = match input.byte() % 3 {
+                    0 => json!({ "user": USERS[usize::from(input.byte()) % USERS.len()] })
+                        .to_string()
+                        .into_bytes(),
+                    1 => br#"{"user":"nobody"}"#.to_vec(),
+                    _ => {
+                        let len = usize::from(input.byte());
+                        input.take(len).to_vec()
+                    }
+                };
+                let answer = self.hub.api_disconnect(&body, self.now);
+                check_api_answer(&answer, self.step);
+            }
+            op::RESTART => self.restart(),
             op::WRITE => {
                 let conn = input.conn();
                 let budget = budget(input.byte());
@@ -953,6 +1028,30 @@ impl Harness {
         }
     }
 
+    /// Save, load and import the rooms into a fresh hub, as a restart with
+    /// `--state-file` does: what was saved loads, and imports unchanged.
+    fn restart(&mut self) {
+        let step = self.step;
+        let mut saved = self.hub.export_rooms();
+        let file = json!({ "version": STATE_VERSION, "rooms": saved });
+        let bytes = serde_json::to_vec(&file).expect("a snapshot serializes");
+        let loaded = roomcast::state::parse(&bytes)
+            .unwrap_or_else(|error| panic!("step {step}: the saved state does not load: {error}"));
+        assert_eq!(
+            loaded, saved,
+            "step {step}: the state file changed the rooms"
+        );
+        self.hub = Hub::new(hub_config());
+        self.hub.import_rooms(loaded, self.now);
+        let mut imported = self.hub.export_rooms();
+        saved.sort_by(|a, b| a.name.cmp(&b.name));
+        imported.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(imported, saved, "step {step}: import changed the rooms");
+        for client in &mut self.clients {
+            *client = None;
+        }
+    }
+
     /// `Hub::take_dirty`: open connections only, each listed once.
     fn take_dirty(&mut self) -> Vec<ConnId> {
         let mut dirty = Vec::new();
@@ -963,17 +1062,12 @@ impl Harness {
                 "step {}: dirty list names connection {conn}, which is not open",
                 self.step
             );
-            // Known issue `dirty-reuse`: an id released while listed and
-            // connected again before the list is taken is listed twice.
-            let known = known_issue("dirty-reuse") && self.reused[conn];
             assert!(
-                known || !dirty[..index].contains(&conn),
+                !dirty[..index].contains(&conn),
                 "step {}: dirty list names {conn} twice: {dirty:?}",
                 self.step
             );
         }
-        self.released = [false; CONNS];
-        self.reused = [false; CONNS];
         dirty
     }
 
@@ -990,7 +1084,7 @@ impl Harness {
     fn apply_close(&mut self, close: &CloseRequest) {
         let step = self.step;
         assert!(
-            matches!(close.code, 1008 | 1011 | 4000 | 4001),
+            matches!(close.code, 1008 | 1011 | 4000 | 4001 | 4003),
             "step {step}: close code {} ({})",
             close.code,
             close.reason

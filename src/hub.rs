@@ -386,6 +386,12 @@ impl Hub {
         }
     }
 
+    /// Whether some connection's queue gained bytes since `take_dirty` (the
+    /// loop must not sleep on them).
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty() || !self.closes.is_empty()
+    }
+
     /// Closes the hub decided on since the last call.
     pub fn take_closes(&mut self, into: &mut Vec<CloseRequest>) {
         into.append(&mut self.closes);

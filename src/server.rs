@@ -388,6 +388,10 @@ impl Server {
     }
 
     fn poll_timeout(&self, now: Millis, next_summary: Millis) -> Duration {
+        if self.hub.has_dirty() || !self.http_dirty.is_empty() {
+            // Frames queued while flushing (a `lagged` notice) go out now.
+            return Duration::ZERO;
+        }
         let mut wake = next_summary;
         if let Some(deadline) = self.hub.next_deadline() {
             wake = wake.min(deadline);

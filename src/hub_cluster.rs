@@ -1287,3 +1287,7 @@ fn presence_frame(id: Option<&RawValue>, room: &str, entries: Vec<(String, u64, 
         .raw("users", &list)
         .finish()
 }
+
+#[cfg(test)]
+#[path = "hub_cluster_tests.rs"]
+mod tests;

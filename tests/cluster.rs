@@ -103,10 +103,10 @@ fn node(redis: &Redis, extra: &[&str]) -> TestServer {
     server
 }
 
-/// Retries a condition (bounded: 300 tries, 20 ms apart) for things that
+/// Retries a condition (bounded: 500 tries, 20 ms apart) for things that
 /// happen "eventually": Redis noticed gone or back, a node's TTL expiring.
 fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    for _ in 0..300 {
+    for _ in 0..500 {
         if condition() {
             return;
         }

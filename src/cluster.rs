@@ -11,12 +11,12 @@
 //! - `rc:node:{node}`: the node is alive; set every second with a 3 s TTL.
 //!   `node` is a random id per registration (a new one after every outage), so
 //!   whatever an earlier life left behind is stale at once.
-//! - `rc:room:{R}` (hash `epoch`, `seq`) and `rc:room:{R}:h` (list of the
+//! - `rc:room/{R}` (hash `epoch`, `seq`) and `rc:room/{R}/h` (list of the
 //!   room's last `--history` `message` texts, oldest first, contiguous, the
 //!   last one with seq `seq`).
-//! - `rc:room:{R}:p` (hash `{node}|{user}` → `{n}|{user json}`: the user's
-//!   connections in R on that node), `rc:room:{R}:u` (hash user → connections
-//!   on every live node: `HLEN` is the room's `count`) and `rc:room:{R}:c`
+//! - `rc:room/{R}/p` (hash `{node}|{user}` → `{n}|{user json}`: the user's
+//!   connections in R on that node), `rc:room/{R}/u` (hash user → connections
+//!   on every live node: `HLEN` is the room's `count`) and `rc:room/{R}/c`
 //!   (hash node → its connections in R: the sum over live nodes is what a
 //!   publish was `delivered` to). Entries of dead nodes are removed by the
 //!   scripts that read them.
@@ -80,13 +80,14 @@ pub fn user_key(user: &str) -> String {
 }
 
 /// A room's keys: state, history, presence, users, per-node connections.
+/// `/` cannot occur in a room name (`:` can), so no room's keys are another's.
 pub fn room_keys(room: &str) -> [String; 5] {
     [
-        format!("rc:room:{room}"),
-        format!("rc:room:{room}:h"),
-        format!("rc:room:{room}:p"),
-        format!("rc:room:{room}:u"),
-        format!("rc:room:{room}:c"),
+        format!("rc:room/{room}"),
+        format!("rc:room/{room}/h"),
+        format!("rc:room/{room}/p"),
+        format!("rc:room/{room}/u"),
+        format!("rc:room/{room}/c"),
     ]
 }
 
@@ -639,6 +640,15 @@ mod tests {
         }
         // A length that would cut a character in two.
         assert_eq!(parse_user_item("d1:é{}"), None);
+    }
+
+    #[test]
+    fn rooms_never_share_keys() {
+        // `:` is allowed in room names: "a:p" must not be room "a"'s presence.
+        let a = room_keys("a");
+        let b = room_keys("a:p");
+        assert!(a.iter().all(|key| !b.contains(key)));
+        assert_ne!(room_channel("a:p"), USERS_CHANNEL);
     }
 
     #[test]

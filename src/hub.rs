@@ -181,6 +181,8 @@ struct Room {
     joining: usize,
     /// With `--redis`: the request that subscribed this node to the room.
     sub_generation: u64,
+    /// With `--redis`: the highest seq this node has seen of the room.
+    seen_seq: u64,
 }
 
 /// The rooms server's state: everything but the sockets.
@@ -627,6 +629,7 @@ impl Hub {
             empty_since: None,
             joining: 0,
             sub_generation: 0,
+            seen_seq: 0,
         };
         let room_id = self.rooms.insert(room);
         self.room_ids.insert(name.into(), room_id);

@@ -855,9 +855,13 @@ impl Hub {
         if !self.cluster.as_ref().is_some_and(|c| c.registered) {
             return;
         }
-        let Some(room) = self.rooms.get(room_id) else {
+        let Some(room) = self.rooms.get_mut(room_id) else {
             return;
         };
+        if let Some(seq) = seq {
+            room.seen_seq = room.seen_seq.max(seq);
+        }
+        let room = &*room;
         let joining = room.joining > 0;
         let marks = self.config.marks;
         let mut sinks = (&mut self.dirty, &mut self.evicted, &mut self.metrics);
@@ -944,6 +948,7 @@ impl Hub {
                             && room_state.life == life
                         {
                             room_state.epoch = state.epoch.as_str().into();
+                            room_state.seen_seq = room_state.seen_seq.max(state.seq);
                         }
                         if alive {
                             let joined = joined_frames(
@@ -1086,7 +1091,21 @@ impl Hub {
             }
             let changed = *room.epoch != *state.epoch && !room.epoch.is_empty();
             room.epoch = state.epoch.as_str().into();
-            if changed {
+            let missed = (room.seen_seq + 1, state.seq);
+            room.seen_seq = state.seq;
+            if !changed && missed.0 <= missed.1 && !room.epoch.is_empty() {
+                // Published while this node was cut off: its members learn the
+                // range as a slow consumer would, and can recover it with `since`.
+                let frame = FrameBuilder::new("lagged", None)
+                    .string("room", &room.name)
+                    .number("from_seq", missed.0)
+                    .number("to_seq", missed.1)
+                    .finish();
+                let members = room.members.clone();
+                for member in members {
+                    self.reply(member, frame.clone());
+                }
+            } else if changed {
                 // Redis came back without the room: its members learn the new
                 // epoch the way a `join` would tell them.
                 let frame = FrameBuilder::new("joined", None)

@@ -363,6 +363,43 @@ fn a_room_whose_epoch_changed_tells_its_members() {
 }
 
 #[test]
+fn messages_missed_while_cut_off_are_reported_as_lagged() {
+    let mut hub = hub();
+    up(&mut hub);
+    connect(&mut hub, 1, "alice");
+    let req = start_join(&mut hub, 1, "j");
+    hub.cluster_event(marker(req), NOW);
+    reply(&mut hub, req, joined(2));
+    hub.cluster_event(room_message(3), NOW);
+    assert_eq!(seqs(&drain(&mut hub, 1)), [3]);
+    // The subscriber's connection drops and comes back; Redis kept the room,
+    // whose seq moved on meanwhile.
+    hub.cluster_event(Event::SubscriberLink(false), NOW);
+    hub.cluster_event(Event::SubscriberLink(true), NOW);
+    let register = out(&mut hub)
+        .into_iter()
+        .find_map(|o| match o {
+            Outgoing::Command(Command::Register { req, .. }) => Some(req),
+            _ => None,
+        })
+        .expect("registered again");
+    let same = RoomState {
+        epoch: "e1".into(),
+        seq: 7,
+        count: 1,
+    };
+    reply(&mut hub, register, Reply::Registered { rooms: vec![same] });
+    let frames = drain(&mut hub, 1);
+    assert_eq!(kinds(&frames), ["lagged"]);
+    assert_eq!(
+        frames[0]["payload"],
+        json!({"room": "r", "from_seq": 4, "to_seq": 7})
+    );
+    hub.cluster_event(room_message(8), NOW);
+    assert_eq!(seqs(&drain(&mut hub, 1)), [8]);
+}
+
+#[test]
 fn presence_merges_the_nodes_of_each_user() {
     let mut hub = hub();
     up(&mut hub);

@@ -43,7 +43,7 @@ const BRIDGE: Token = Token(usize::MAX - 3);
 const MAX_BRIDGE_EVENTS: usize = 8192;
 
 /// How long a shutdown waits for the bridge to take the node out of presence.
-const BRIDGE_STOP_WAIT: Duration = Duration::from_secs(1);
+const BRIDGE_STOP_WAIT: Duration = Duration::from_millis(400);
 
 /// tungstenite's own buffer per connection. Its 128 KiB default would be
 /// allocated (and zeroed) per connection; the socket is read into the loop's

@@ -434,6 +434,28 @@ fn a_killed_node_leaves_presence_within_seconds() {
 }
 
 #[test]
+fn a_node_shut_down_gracefully_says_goodbye() {
+    let redis = Redis::start();
+    let a = node(&redis, &[]);
+    let b = node(&redis, &["--drain-ms", "0"]);
+    let mut alice = a.connect("alice");
+    alice.join("room");
+    let mut bob = b.connect("bob");
+    bob.join("room");
+    recv_kinds(&mut alice, &["user_joined"]);
+
+    assert!(b.terminate().success());
+    assert_eq!(bob.expect_close().0, 1001);
+    // Its clients were closed: the others are told they left, and the node
+    // took itself out of presence at once.
+    let left = recv_kinds(&mut alice, &["user_left"]);
+    assert_eq!(left["payload"]["user"]["id"], "bob");
+    assert_eq!(left["payload"]["count"], 1);
+    let presence = alice.request(json!({"type": "presence", "payload": {"room": "room"}}));
+    assert_eq!(presence["payload"]["users"].as_array().unwrap().len(), 1);
+}
+
+#[test]
 fn a_redis_outage_is_survived_without_restarting_nodes() {
     let mut redis = Redis::start();
     let port = redis.port;

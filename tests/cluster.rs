@@ -208,11 +208,16 @@ fn messages_fan_out_across_nodes_once_and_in_seq_order() {
         send(&mut bob, "lobby", json!({"from": "bob", "n": n}), None);
     }
     let mut orders = Vec::new();
+    let mut acks = Vec::new();
     for client in [&mut alice, &mut bob, &mut carol] {
         let mut seen = Vec::new();
         let mut next_from = std::collections::HashMap::new();
         while seen.len() < (2 * EACH) as usize {
-            let message = recv_kinds(client, &["message"]);
+            let message = recv_kinds(client, &["message", "ack"]);
+            if message["type"] == "ack" {
+                acks.push(message["payload"]["seq"].as_u64().unwrap());
+                continue;
+            }
             let payload = &message["payload"];
             let from = payload["content"]["from"].as_str().unwrap().to_string();
             let n = payload["content"]["n"].as_u64().unwrap();
@@ -233,7 +238,20 @@ fn messages_fan_out_across_nodes_once_and_in_seq_order() {
     }
     assert_eq!(orders[0], orders[1], "every node delivers the same order");
     assert_eq!(orders[1], orders[2]);
-    // Alice's acks carry seqs of her own messages.
+    // Alice's acks (which may come after her messages) carry their seqs, in order.
+    while acks.len() < EACH as usize {
+        acks.push(
+            recv_kinds(&mut alice, &["ack"])["payload"]["seq"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    let alices: Vec<u64> = orders[0]
+        .iter()
+        .filter(|(_, from, _)| from == "alice")
+        .map(|(seq, _, _)| *seq)
+        .collect();
+    assert_eq!(acks, alices);
     alice.assert_alive();
 }
 

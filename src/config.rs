@@ -131,6 +131,9 @@ pub enum ConfigError {
         /// soft + max message size.
         needed: usize,
     },
+    /// `--redis` is not a Redis URL.
+    #[error("--redis: {0}")]
+    RedisUrl(String),
 }
 
 impl ServerArgs {
@@ -144,6 +147,11 @@ impl ServerArgs {
                 hard: self.write_buffer_hard,
                 needed,
             });
+        }
+        if let Some(url) = &self.redis
+            && let Err(error) = redis::Client::open(url.as_str())
+        {
+            return Err(ConfigError::RedisUrl(error.to_string()));
         }
         Ok(())
     }
@@ -190,6 +198,14 @@ mod tests {
         ])
         .unwrap();
         assert!(cli.server.validate().is_err());
+    }
+
+    #[test]
+    fn a_bad_redis_url_is_refused() {
+        let cli = Cli::try_parse_from(["roomcast", "--redis", "http://nope"]).unwrap();
+        assert!(cli.server.validate().is_err());
+        let cli = Cli::try_parse_from(["roomcast", "--redis", "redis://127.0.0.1:6379"]).unwrap();
+        assert!(cli.server.validate().is_ok());
     }
 
     #[test]

@@ -121,12 +121,17 @@ enum Timer {
     },
     /// The token may have expired.
     TokenExpiry { conn: ConnId, serial: u64 },
+    /// With `--redis`: once a second, register when due, refresh TTLs.
+    ClusterTick,
 }
 
 struct Membership {
     room: RoomId,
     /// Position of this connection in the room's `members`.
     slot: usize,
+    /// With `--redis`: set while the join has not taken effect for this
+    /// connection yet (see `hub_cluster.rs`); `None` once room traffic flows.
+    cursor: Option<Box<cluster_mode::JoinCursor>>,
 }
 
 struct Session {
@@ -153,6 +158,8 @@ struct Session {
     last_seen: Millis,
     rate: RateBucket,
     lagged: Vec<LaggedSpan>,
+    /// With `--redis`: replies in request order while some wait for Redis.
+    replies: VecDeque<cluster_mode::Slot>,
 }
 
 struct Room {
@@ -170,6 +177,12 @@ struct Room {
     life: u64,
     /// When the last member left.
     empty_since: Option<Millis>,
+    /// With `--redis`: members whose join has not taken effect yet.
+    joining: usize,
+    /// With `--redis`: the request that subscribed this node to the room.
+    sub_generation: u64,
+    /// With `--redis`: the highest seq this node has seen of the room.
+    seen_seq: u64,
 }
 
 /// The rooms server's state: everything but the sockets.
@@ -191,6 +204,8 @@ pub struct Hub {
     /// Connections pushed over the hard mark during the current event.
     evicted: Vec<ConnId>,
     metrics: Metrics,
+    /// With `--redis`: the cluster side (`hub_cluster.rs`).
+    cluster: Option<Box<cluster_mode::ClusterState>>,
 }
 
 /// A failed request: the error frame's code and text.
@@ -227,6 +242,7 @@ impl Hub {
             closes: Vec::new(),
             evicted: Vec::new(),
             metrics: Metrics::default(),
+            cluster: None,
         }
     }
 
@@ -285,6 +301,7 @@ impl Hub {
             last_seen: now,
             rate: RateBucket::full(self.config.rate_burst, now),
             lagged: Vec::new(),
+            replies: VecDeque::new(),
         };
         if let Some(expires_at) = session.expires_at {
             self.timers.schedule(
@@ -299,18 +316,25 @@ impl Hub {
             .number("heartbeat_ms", self.config.heartbeat_ms)
             .number("server_time", now)
             .finish();
+        let user_id = session.user_id.clone();
         self.users
             .entry(session.user_id.clone())
             .or_default()
             .push(conn);
         self.insert_session(conn, session);
+        self.cluster_user_count(&user_id);
         if let Some(session) = self.session_mut(conn) {
             session.outbound.push(upgrade_response);
         }
         self.reply(conn, welcome);
-        if let Some(room) = join
-            && let Err(refusal) = self.join(conn, None, room, None, None, now)
-        {
+        let joined = match join {
+            Some(room) if self.cluster.is_some() => {
+                Some(self.cluster_join(conn, None, room, None, None))
+            }
+            Some(room) => Some(self.join(conn, None, room, None, None, now)),
+            None => None,
+        };
+        if let Some(Err(refusal)) = joined {
             self.reply(conn, error_frame(None, refusal.code, &refusal.message));
         }
         self.settle(now);
@@ -339,6 +363,7 @@ impl Hub {
                 last_seen: now,
                 rate: RateBucket::full(self.config.rate_burst, now),
                 lagged: Vec::new(),
+                replies: VecDeque::new(),
             },
         );
     }
@@ -427,6 +452,13 @@ impl Hub {
     }
 
     fn dispatch(&mut self, conn: ConnId, request: Request<'_>, now: Millis) -> Result<(), Refusal> {
+        let local = matches!(
+            request.body,
+            RequestBody::Ping | RequestBody::Refresh { .. }
+        );
+        if self.cluster.is_some() && !local {
+            return self.cluster_dispatch(conn, request, now);
+        }
         let id = request.id;
         match request.body {
             RequestBody::Join { room, since, epoch } => {
@@ -601,10 +633,17 @@ impl Hub {
             typing: HashMap::new(),
             life: self.next_room_life,
             empty_since: None,
+            joining: 0,
+            sub_generation: 0,
+            seen_seq: 0,
         };
         let room_id = self.rooms.insert(room);
         self.room_ids.insert(name.into(), room_id);
-        self.schedule_forget(room_id, now);
+        if self.cluster.is_some() {
+            self.cluster_subscribe(room_id);
+        } else {
+            self.schedule_forget(room_id, now);
+        }
         room_id
     }
 
@@ -632,14 +671,20 @@ impl Hub {
             self.occupied_rooms += 1;
             room.empty_since = None;
         }
+        let cursor = self.cluster.is_some().then(Box::default);
+        if cursor.is_some() {
+            room.joining += 1;
+        }
         session.memberships.push(Membership {
             room: room_id,
             slot: room.members.len(),
+            cursor,
         });
         room.members.push(conn);
         let user_count = room.users.entry(session.user_id.clone()).or_insert(0);
         *user_count += 1;
-        if *user_count == 1 {
+        // With --redis the join script announces the user to every node.
+        if *user_count == 1 && self.cluster.is_none() {
             let frame = FrameBuilder::new("user_joined", None)
                 .string("room", &room.name)
                 .raw("user", &session.user_json)
@@ -666,6 +711,9 @@ impl Hub {
         let Some(room) = self.rooms.get_mut(room_id) else {
             return;
         };
+        if membership.cursor.is_some() {
+            room.joining = room.joining.saturating_sub(1);
+        }
         if membership.slot < room.members.len() {
             room.members.swap_remove(membership.slot);
             // The member moved into the freed slot must learn its new position.
@@ -690,6 +738,16 @@ impl Hub {
             }
         };
         let now_empty = room.members.is_empty();
+        if self.cluster.is_some() {
+            let local_count = room.users.get(&user_id).copied().unwrap_or(0);
+            let was_typing = last_of_user && room.typing.remove(&user_id).is_some();
+            self.cluster_left(room_id, &user_id, &user_json, local_count, was_typing);
+            if now_empty {
+                self.occupied_rooms = self.occupied_rooms.saturating_sub(1);
+                self.cluster_forget_room(room_id);
+            }
+            return;
+        }
         if last_of_user {
             let was_typing = room.typing.remove(&user_id).is_some();
             let room_name = room.name.clone();
@@ -838,7 +896,7 @@ impl Hub {
             room.typing.remove(&user_id);
         }
         let frame = typing_frame(&room.name, &user_json, is_typing);
-        self.broadcast(room_id, &frame, Except::User(&user_id));
+        self.room_broadcast(room_id, &frame, Except::User(&user_id));
     }
 
     fn presence_frame(&self, id: Option<&RawValue>, room: &str) -> Bytes {
@@ -952,6 +1010,7 @@ impl Hub {
             if connections.is_empty() {
                 self.users.remove(&user_id);
             }
+            self.cluster_user_count(&user_id);
         }
     }
 
@@ -985,6 +1044,7 @@ impl Hub {
                     sent_at,
                 } => self.check_pong(conn, serial, sent_at, now),
                 Timer::TokenExpiry { conn, serial } => self.check_token_expiry(conn, serial, now),
+                Timer::ClusterTick => self.cluster_tick(now),
             }
         }
         self.due = due;
@@ -1012,7 +1072,7 @@ impl Hub {
             .map(|session| session.user_json.clone());
         if let (Some(user_json), Some(room)) = (user_json, self.rooms.get(room_id)) {
             let frame = typing_frame(&room.name, &user_json, false);
-            self.broadcast(room_id, &frame, Except::User(user_id));
+            self.room_broadcast(room_id, &frame, Except::User(user_id));
         }
     }
 
@@ -1261,7 +1321,7 @@ impl Hub {
         if self.room_ids.len() != self.rooms.len() {
             return Err("name index and rooms differ in size".into());
         }
-        Ok(())
+        self.check_cluster_invariants()
     }
 
     /// Every room's epoch, seq and history, for `--state-file`.
@@ -1310,8 +1370,15 @@ impl Hub {
         self.rooms.len()
     }
 
-    /// Queues a reply to the connection's own request: never dropped above the soft mark.
+    /// Queues a reply to the connection's own request: never dropped above the
+    /// soft mark, and (with `--redis`) behind earlier replies still waiting for Redis.
     fn reply(&mut self, conn: ConnId, frame: Bytes) {
+        if let Some(session) = self.session_mut(conn)
+            && !session.replies.is_empty()
+        {
+            session.replies.push_back(cluster_mode::Slot::Ready(frame));
+            return;
+        }
         self.deliver(conn, frame, false);
     }
 
@@ -1492,6 +1559,11 @@ fn random_epoch() -> Box<str> {
         .collect::<String>()
         .into_boxed_str()
 }
+
+#[path = "hub_cluster.rs"]
+mod cluster_mode;
+
+pub use cluster_mode::{ApiAnswer, ApiKind};
 
 #[cfg(test)]
 #[path = "hub_tests.rs"]

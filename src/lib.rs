@@ -6,6 +6,8 @@
 
 pub mod assets;
 pub mod auth;
+pub mod bridge;
+pub mod cluster;
 pub mod config;
 pub mod handshake;
 pub mod hub;

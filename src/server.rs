@@ -24,9 +24,11 @@ use tungstenite::{Message, Utf8Bytes};
 
 use crate::assets;
 use crate::auth::{self, TokenClaims, Verifier};
+use crate::bridge::Bridge;
+use crate::cluster::{self, Outgoing};
 use crate::config::ServerArgs;
 use crate::handshake::{self, Decision, Endpoint, HttpRoute, Policy, RejectReason};
-use crate::hub::{CloseRequest, ConnId, Hub, HubConfig, Millis};
+use crate::hub::{ApiAnswer, ApiKind, CloseRequest, ConnId, Hub, HubConfig, Millis};
 use crate::metrics::Gauges;
 use crate::outbound::{Marks, OutboundQueue};
 use crate::state;
@@ -34,6 +36,14 @@ use crate::timers::Deadlines;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
+/// The Redis bridge threads' waker (`--redis`).
+const BRIDGE: Token = Token(usize::MAX - 3);
+
+/// Most bridge events handled in one loop iteration; the rest wait for the next.
+const MAX_BRIDGE_EVENTS: usize = 8192;
+
+/// How long a shutdown waits for the bridge to take the node out of presence.
+const BRIDGE_STOP_WAIT: Duration = Duration::from_millis(400);
 
 /// tungstenite's own buffer per connection. Its 128 KiB default would be
 /// allocated (and zeroed) per connection; the socket is read into the loop's
@@ -81,6 +91,9 @@ pub enum ServerError {
     /// The poller or signal handling failed.
     #[error("event loop: {0}")]
     Poll(#[from] io::Error),
+    /// The Redis bridge could not start (`--redis`).
+    #[error("redis: {0}")]
+    Redis(String),
 }
 
 /// Where a connection is in its life.
@@ -110,6 +123,10 @@ struct Connection {
     /// Already scheduled to be freed at the end of the event batch.
     freeing: bool,
     peer: SocketAddr,
+    /// Unique for the server's life: a server API answer finds its connection by it.
+    serial: u64,
+    /// An API request waits for Redis (`Some(keep_alive)`); later requests wait behind it.
+    awaiting_api: Option<bool>,
 }
 
 /// Bytes read from one socket and not yet taken by its codec. One buffer
@@ -227,6 +244,16 @@ pub struct Server {
     shutting_down: Option<Millis>,
     /// Accepting is paused until then after the process ran out of file descriptors.
     accept_paused_until: Option<Millis>,
+    /// With `--redis`: the helper threads that talk to Redis.
+    bridge: Option<Bridge>,
+    /// Bridge events were left for the next iteration.
+    bridge_backlog: bool,
+    /// Reused buffers of what the hub sends to Redis and its API answers.
+    outgoing: Vec<Outgoing>,
+    api_answers: Vec<(u64, ApiAnswer)>,
+    /// Connections with an API request waiting for Redis, by serial.
+    api_waiting: std::collections::HashMap<u64, usize>,
+    next_serial: u64,
 }
 
 /// What a server timer is for.
@@ -280,9 +307,25 @@ impl Server {
             },
             verifier: verifier.clone(),
         });
-        if let Some(path) = &args.state_file {
-            restore_state(&mut hub, path);
-        }
+        let bridge = match &args.redis {
+            Some(url) => {
+                if args.state_file.is_some() {
+                    warn!("--state-file is ignored with --redis: Redis holds the rooms");
+                }
+                let waker = mio::Waker::new(poll.registry(), BRIDGE)?;
+                let process = cluster::random_id();
+                let bridge = Bridge::start(url, args.history, process.clone(), waker)
+                    .map_err(|error| ServerError::Redis(error.to_string()))?;
+                hub.enable_cluster(process, now_ms());
+                Some(bridge)
+            }
+            None => {
+                if let Some(path) = &args.state_file {
+                    restore_state(&mut hub, path);
+                }
+                None
+            }
+        };
         Ok(Server {
             poll,
             listener: Some(listener),
@@ -301,6 +344,12 @@ impl Server {
             http_dirty: Vec::new(),
             to_free: Vec::new(),
             shutting_down: None,
+            bridge,
+            bridge_backlog: false,
+            outgoing: Vec::new(),
+            api_answers: Vec::new(),
+            api_waiting: std::collections::HashMap::new(),
+            next_serial: 0,
         })
     }
 
@@ -345,6 +394,7 @@ impl Server {
                 match event.token() {
                     LISTENER => self.accept(now),
                     SIGNALS => self.on_signal(now),
+                    BRIDGE => self.drain_bridge(now),
                     Token(key) => {
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
                             self.on_readable(key, now);
@@ -359,9 +409,15 @@ impl Server {
             if self.accept_paused_until.is_some_and(|until| now >= until) {
                 self.accept(now);
             }
+            if self.bridge_backlog {
+                self.drain_bridge(now);
+            }
             self.hub.tick(now);
             self.run_deadlines(now);
             self.apply_hub_closes(&mut closes, now);
+            self.answer_api(now);
+            self.apply_hub_closes(&mut closes, now);
+            self.send_to_bridge();
             self.flush_dirty(&mut dirty, now);
             self.free_finished(now);
             let iteration = iteration_started.elapsed().as_nanos();
@@ -382,6 +438,7 @@ impl Server {
                     self.connections.len()
                 );
                 self.save_state();
+                self.stop_bridge();
                 return Ok(());
             }
         }
@@ -404,6 +461,9 @@ impl Server {
         }
         if let Some(deadline) = self.shutting_down {
             wake = wake.min(deadline);
+        }
+        if self.bridge_backlog {
+            wake = now;
         }
         Duration::from_millis(wake.saturating_sub(now))
     }
@@ -433,7 +493,10 @@ impl Server {
                         continue;
                     }
                     let deadline = now.saturating_add(self.args.handshake_timeout_ms);
+                    self.next_serial += 1;
                     entry.insert(Connection {
+                        serial: self.next_serial,
+                        awaiting_api: None,
                         socket,
                         phase: Phase::Http {
                             head: Vec::new(),
@@ -559,7 +622,7 @@ impl Server {
         let Phase::Http { head, .. } = &mut connection.phase else {
             return false;
         };
-        if head.is_empty() || connection.close_when_flushed {
+        if head.is_empty() || connection.close_when_flushed || connection.awaiting_api.is_some() {
             return false;
         }
         let policy = Policy {
@@ -598,9 +661,25 @@ impl Server {
                     return false;
                 }
                 let body = head.get(head_len..request_len).unwrap_or_default().to_vec();
-                let (response, keep_alive) = self.serve(route, &body, keep_alive, now);
-                self.answer_http(key, Bytes::from(response), keep_alive, request_len, now);
-                keep_alive
+                let serial = connection.serial;
+                match self.serve(route, &body, keep_alive, now, serial) {
+                    Some((response, keep_alive)) => {
+                        self.answer_http(key, Bytes::from(response), keep_alive, request_len, now);
+                        keep_alive
+                    }
+                    None => {
+                        // The answer needs Redis: later requests wait behind this one.
+                        if let Some(connection) = self.connections.get_mut(key)
+                            && let Phase::Http { head, .. } = &mut connection.phase
+                        {
+                            head.drain(..request_len.min(head.len()));
+                            connection.awaiting_api = Some(keep_alive);
+                            connection.deadline = None;
+                            self.api_waiting.insert(serial, key);
+                        }
+                        false
+                    }
+                }
             }
             Some(Decision::Upgrade {
                 response,
@@ -659,20 +738,26 @@ impl Server {
     }
 
     /// The answer to a plain HTTP request, and whether the connection stays
-    /// open after it (a refused body closes it, like every refusal).
+    /// open after it (a refused body closes it, like every refusal). `None`:
+    /// with `--redis`, an API answer that comes later (`answer_api`).
     fn serve(
         &mut self,
         route: HttpRoute,
         body: &[u8],
         keep_alive: bool,
         now: Millis,
-    ) -> (Vec<u8>, bool) {
+        serial: u64,
+    ) -> Option<(Vec<u8>, bool)> {
         const JSON: &str = "application/json";
         let respond = |status: u16, content_type: &str, body: &[u8]| {
             handshake::response_with(status, content_type, body, &[], keep_alive)
         };
         let mut keep = keep_alive;
         let response = match route {
+            // With --redis, a node that cannot reach Redis is not healthy (§10).
+            HttpRoute::Health if self.hub.cluster_up() == Some(false) => {
+                respond(503, JSON, br#"{"status":"unavailable"}"#)
+            }
             HttpRoute::Health => respond(200, JSON, br#"{"status":"ok"}"#),
             // The assets change with the binary: browsers revalidate instead of
             // running a previous version's client against a new server.
@@ -702,6 +787,17 @@ impl Server {
                 let json = self.hub.metrics().stats_json(self.gauges());
                 respond(200, JSON, json.as_bytes())
             }
+            HttpRoute::Publish | HttpRoute::Disconnect if self.hub.is_cluster() => {
+                let kind = if route == HttpRoute::Publish {
+                    ApiKind::Publish
+                } else {
+                    ApiKind::Disconnect
+                };
+                let answer = self.hub.cluster_api(kind, body, now, serial)?;
+                let (response, keep_alive) = self.api_response(answer, keep_alive);
+                keep = keep_alive;
+                response
+            }
             HttpRoute::Publish | HttpRoute::Disconnect => {
                 let answer = if route == HttpRoute::Publish {
                     self.hub.api_publish(body, now)
@@ -720,7 +816,7 @@ impl Server {
             }
             HttpRoute::DemoToken { name } => {
                 let Some(secret) = &self.demo_secret else {
-                    return (
+                    return Some((
                         handshake::response(
                             404,
                             "text/plain; charset=utf-8",
@@ -728,7 +824,7 @@ impl Server {
                             &[],
                         ),
                         false,
-                    );
+                    ));
                 };
                 let user_id = format!("guest-{:04x}", getrandom::u32().unwrap_or(0) & 0xffff);
                 let name = name
@@ -751,14 +847,117 @@ impl Server {
                 respond(200, JSON, body.to_string().as_bytes())
             }
         };
-        (response, keep)
+        Some((response, keep))
+    }
+
+    /// The HTTP answer to a server API request with `--redis`, and whether
+    /// the connection stays open (a bad body closes it, like every refusal).
+    fn api_response(&mut self, answer: ApiAnswer, keep_alive: bool) -> (Vec<u8>, bool) {
+        const JSON: &str = "application/json";
+        match answer {
+            ApiAnswer::Ok(json) => (
+                handshake::response_with(200, JSON, json.as_bytes(), &[], keep_alive),
+                keep_alive,
+            ),
+            ApiAnswer::BadRequest(message) => {
+                self.hub.metrics_mut().reject(RejectReason::BadRequest);
+                let json = serde_json::json!({ "error": message }).to_string();
+                (
+                    handshake::response_with(400, JSON, json.as_bytes(), &[], false),
+                    false,
+                )
+            }
+            ApiAnswer::Unavailable => (
+                handshake::response_with(503, JSON, br#"{"error":"unavailable"}"#, &[], keep_alive),
+                keep_alive,
+            ),
+        }
+    }
+
+    /// Sends the API answers that came back from Redis, and goes on with
+    /// requests that were waiting behind them on the same connection.
+    fn answer_api(&mut self, now: Millis) {
+        let mut answers = std::mem::take(&mut self.api_answers);
+        self.hub.take_api_answers(&mut answers);
+        for (serial, answer) in answers.drain(..) {
+            let Some(key) = self.api_waiting.remove(&serial) else {
+                continue;
+            };
+            let Some(keep_alive) = self
+                .connections
+                .get_mut(key)
+                .filter(|c| c.serial == serial && !c.freeing)
+                .and_then(|c| c.awaiting_api.take())
+            else {
+                continue;
+            };
+            let (response, keep_alive) = self.api_response(answer, keep_alive);
+            self.answer_http(key, Bytes::from(response), keep_alive, 0, now);
+            if keep_alive {
+                while self.answer_next_request(key, now) {}
+            }
+        }
+        self.api_answers = answers;
+    }
+
+    /// Handles what the bridge threads reported.
+    fn drain_bridge(&mut self, now: Millis) {
+        let Some(bridge) = &self.bridge else {
+            return;
+        };
+        bridge.notifier.rearm();
+        self.bridge_backlog = false;
+        for _ in 0..MAX_BRIDGE_EVENTS {
+            let Some(bridge) = &self.bridge else {
+                return;
+            };
+            match bridge.events.try_recv() {
+                Ok(event) => self.hub.cluster_event(event, now),
+                Err(_) => return,
+            }
+        }
+        self.bridge_backlog = true;
+    }
+
+    /// Hands what the hub decided to send to Redis to the bridge threads.
+    fn send_to_bridge(&mut self) {
+        let Some(bridge) = &self.bridge else {
+            return;
+        };
+        self.hub.take_cluster_out(&mut self.outgoing);
+        for outgoing in self.outgoing.drain(..) {
+            match outgoing {
+                Outgoing::Command(command) => bridge.command(command),
+                Outgoing::Subscription(change) => bridge.subscription(change),
+            }
+        }
+    }
+
+    /// At exit: take the node out of presence (bounded wait), stop the threads.
+    fn stop_bridge(&mut self) {
+        if self.bridge.is_none() {
+            return;
+        }
+        self.hub.cluster_shutdown();
+        self.send_to_bridge();
+        let Some(bridge) = &self.bridge else {
+            return;
+        };
+        let until = Instant::now() + BRIDGE_STOP_WAIT;
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            match bridge.events.recv_timeout(left) {
+                Ok(cluster::Event::Stopped) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+        bridge.stop();
     }
 
     fn gauges(&self) -> Gauges {
         Gauges {
             connections: self.hub.connection_count(),
             rooms: self.hub.occupied_room_count(),
-            redis_up: None,
+            redis_up: self.hub.cluster_up(),
         }
     }
 
@@ -1170,6 +1369,9 @@ impl Server {
         let Some(path) = &self.args.state_file else {
             return;
         };
+        if self.bridge.is_some() {
+            return;
+        }
         let rooms = self.hub.export_rooms();
         let count = rooms.len();
         match state::save(path, rooms) {

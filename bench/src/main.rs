@@ -40,6 +40,8 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 pub struct Common {
     /// Base WebSocket URL; the harness appends /ws?token=… or /echo?token=…
+    /// A comma-separated list spreads connections over several nodes (user n
+    /// on node n mod count, so members of a room alternate between nodes)
     #[arg(long, global = true, default_value = "ws://127.0.0.1:8080")]
     pub url: String,
     /// HS256 secret the server was started with (--jwt-secret)

@@ -94,16 +94,54 @@ pub struct Conn {
     pub closing_ns: u64,
 }
 
-/// Target of every connection: a loopback address and the `Host` header.
+/// Target of every connection: a loopback address and the `Host` header,
+/// and further nodes of a cluster when `--url` lists several.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub addr: SocketAddr,
     pub host_header: String,
+    /// Nodes after the first (`--url a,b,…`): connections are spread over
+    /// all of them by user number, so each room has members on every node.
+    pub others: Vec<(SocketAddr, String)>,
 }
 
-/// Parses `ws://HOST:PORT[/…]` and refuses every host that is not loopback:
-/// this harness generates load and must never point it anywhere else.
+impl Target {
+    /// How many nodes connections are spread over.
+    pub fn nodes(&self) -> usize {
+        1 + self.others.len()
+    }
+
+    /// Node `index` (modulo the number of nodes): its address and `Host` header.
+    pub fn node(&self, index: usize) -> (SocketAddr, &str) {
+        match index % self.nodes() {
+            0 => (self.addr, &self.host_header),
+            n => self
+                .others
+                .get(n - 1)
+                .map_or((self.addr, self.host_header.as_str()), |(addr, host)| {
+                    (*addr, host.as_str())
+                }),
+        }
+    }
+}
+
+/// Parses `ws://HOST:PORT[/…]`, or several of them separated by commas (the
+/// nodes of a cluster), and refuses every host that is not loopback: this
+/// harness generates load and must never point it anywhere else.
 pub fn parse_target(url: &str) -> Result<Target, String> {
+    let mut nodes = url.split(',').map(|one| parse_one(one.trim()));
+    let mut target = nodes.next().ok_or("empty --url")??;
+    for node in nodes {
+        let node = node?;
+        if node.addr.is_ipv4() != target.addr.is_ipv4() {
+            return Err("--url nodes must all be IPv4 or all IPv6".into());
+        }
+        target.others.push((node.addr, node.host_header));
+    }
+    Ok(target)
+}
+
+fn parse_one(url: &str) -> Result<Target, String> {
     let rest = url
         .strip_prefix("ws://")
         .ok_or_else(|| format!("--url must start with ws:// (got {url:?})"))?;
@@ -135,6 +173,7 @@ pub fn parse_target(url: &str) -> Result<Target, String> {
     Ok(Target {
         addr: SocketAddr::new(ip, port),
         host_header: hostport.to_string(),
+        others: Vec::new(),
     })
 }
 
@@ -198,10 +237,13 @@ impl Net {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    /// Starts a connection to `path_and_query` (e.g. `/ws?token=…`). The
-    /// upgrade request goes out once the TCP connection is established.
-    pub fn connect(&mut self, path_and_query: &str, now: u64) -> io::Result<usize> {
-        let stream = self.open_socket()?;
+    /// Starts a connection to `path_and_query` (e.g. `/ws?token=…`) on node
+    /// `node` of the target (modulo its nodes). The upgrade request goes out
+    /// once the TCP connection is established.
+    pub fn connect(&mut self, path_and_query: &str, node: usize, now: u64) -> io::Result<usize> {
+        let (addr, host) = self.target.node(node);
+        let host = host.to_string();
+        let stream = self.open_socket(addr)?;
         let id = match self.free.pop() {
             Some(id) => id,
             None => {
@@ -225,8 +267,7 @@ impl Net {
             k
         });
         let request = format!(
-            "GET {path_and_query} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            self.target.host_header
+            "GET {path_and_query} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
         );
         self.conns[id] = Some(Conn {
             stream,
@@ -246,16 +287,16 @@ impl Net {
         Ok(id)
     }
 
-    fn open_socket(&mut self) -> io::Result<TcpStream> {
+    fn open_socket(&mut self, addr: SocketAddr) -> io::Result<TcpStream> {
         use socket2::{Domain, Socket, Type};
-        let domain = if self.target.addr.is_ipv4() {
+        let domain = if addr.is_ipv4() {
             Domain::IPV4
         } else {
             Domain::IPV6
         };
         let socket = Socket::new(domain, Type::STREAM.nonblocking(), None)?;
         socket.set_tcp_nodelay(true)?;
-        if self.target.addr.is_ipv4() && !self.sources.is_empty() {
+        if addr.is_ipv4() && !self.sources.is_empty() {
             let src = self.sources[self.next_source % self.sources.len()];
             self.next_source = self.next_source.wrapping_add(1);
             // Let connect() pick the port per 4-tuple instead of bind()
@@ -274,7 +315,7 @@ impl Net {
             }
             socket.bind(&SocketAddr::new(IpAddr::V4(src), 0).into())?;
         }
-        match socket.connect(&self.target.addr.into()) {
+        match socket.connect(&addr.into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
             Err(e) => return Err(e),
@@ -987,6 +1028,12 @@ mod tests {
         assert!(parse_target("ws://10.0.0.1:9400").is_err());
         assert!(parse_target("ws://example.com:80").is_err());
         assert!(parse_target("http://127.0.0.1:80").is_err());
+        let two = parse_target("ws://127.0.0.1:9400, ws://127.0.0.2:9401").unwrap();
+        assert_eq!(two.nodes(), 2);
+        assert_eq!(two.node(3).0.to_string(), "127.0.0.2:9401");
+        assert_eq!(two.node(2).1, "127.0.0.1:9400");
+        assert!(parse_target("ws://127.0.0.1:9400,ws://10.0.0.1:9400").is_err());
+        assert!(parse_target("ws://127.0.0.1:9400,ws://[::1]:9400").is_err());
     }
 
     #[test]

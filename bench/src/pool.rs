@@ -204,7 +204,7 @@ pub fn run(plan: Plan, shared: Arc<Shared>, index: usize) -> Result<Stats, Strin
         let user = plan.first_user + next_user * plan.user_stride;
         next_user += 1;
         let path = format!("/ws?token={}", common::token(&plan.secret, user));
-        match net.connect(&path, now) {
+        match net.connect(&path, user as usize, now) {
             Ok(id) => {
                 if w.slots.len() <= id {
                     w.slots.resize(id + 1, None);

@@ -399,7 +399,9 @@ pub fn run(plan: Plan, shared: Arc<Shared>, index: usize) -> Result<Stats, Strin
                 if next_connect >= w.members.len() {
                     break;
                 }
-                match net.connect(&paths[next_connect], now) {
+                // Members of a room alternate between the nodes of a cluster.
+                let node = w.members[next_connect].spec.user as usize;
+                match net.connect(&paths[next_connect], node, now) {
                     Ok(id) => {
                         if w.by_id.len() <= id {
                             w.by_id.resize(id + 1, NONE);

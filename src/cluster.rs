@@ -1,0 +1,662 @@
+//! Several nodes on one Redis (PROTOCOL §10, `--redis URL`): the sans-IO part.
+//!
+//! This module says what a node asks of Redis and what comes back, as plain
+//! values: [`Command`]s for the command connection, [`Subscription`] changes
+//! for the pub/sub connection, and the [`Event`]s both report to the loop. The
+//! [`Hub`](crate::hub::Hub) produces the first two and consumes the third; the
+//! threads of [`bridge`](crate::bridge) carry them to and from Redis.
+//!
+//! What lives in Redis (every key under `rc:`):
+//!
+//! - `rc:node:{node}`: the node is alive; set every second with a 3 s TTL.
+//!   `node` is a random id per registration (a new one after every outage), so
+//!   whatever an earlier life left behind is stale at once.
+//! - `rc:room/{R}` (hash `epoch`, `seq`) and `rc:room/{R}/h` (list of the
+//!   room's last `--history` `message` texts, oldest first, contiguous, the
+//!   last one with seq `seq`).
+//! - `rc:room/{R}/p` (hash `{node}|{user}` → `{n}|{user json}`: the user's
+//!   connections in R on that node), `rc:room/{R}/u` (hash user → connections
+//!   on every live node: `HLEN` is the room's `count`) and `rc:room/{R}/c`
+//!   (hash node → its connections in R: the sum over live nodes is what a
+//!   publish was `delivered` to). Entries of dead nodes are removed by the
+//!   scripts that read them.
+//! - `rc:user:{U}`: hash node → the user's open connections there (`direct`,
+//!   `/api/disconnect`).
+//!
+//! Room keys expire 5 minutes after the last write; every node refreshes the
+//! keys of its rooms with members and of its users every minute (§11: a room
+//! without members is forgotten after 5 minutes).
+//!
+//! Pub/sub: `rc:ch:{R}` per room with local members (subscribed while the room
+//! has members here, never per connection), `rc:users` for `direct` and
+//! kicks, and `rc:wake:{process}` that only wakes this node's subscriber.
+//! A `message` takes its seq, enters the history and is published in one Lua
+//! script, so a room's channel carries its messages in seq order; every node,
+//! the sender's included, delivers them from there.
+
+use bytes::Bytes;
+
+use crate::protocol;
+
+/// Identifies a request whose answer the hub waits for.
+pub type ReqId = u64;
+
+/// A node's liveness key lives this long without a refresh.
+pub const NODE_TTL_MS: u64 = 3000;
+
+/// How often a node refreshes its liveness key.
+pub const HEARTBEAT_MS: u64 = 1000;
+
+/// Room and user keys live this long after their last write or refresh (§11).
+pub const KEY_TTL_MS: u64 = 5 * 60 * 1000;
+
+/// Seconds between refreshes of the TTLs of this node's rooms and users.
+pub const REFRESH_EVERY_TICKS: u64 = 60;
+
+/// The channel of `direct` frames and kicks.
+pub const USERS_CHANNEL: &str = "rc:users";
+
+/// Prefix of the room channels.
+pub const ROOM_CHANNEL_PREFIX: &str = "rc:ch:";
+
+/// A room's pub/sub channel.
+pub fn room_channel(room: &str) -> String {
+    format!("{ROOM_CHANNEL_PREFIX}{room}")
+}
+
+/// The channel that wakes a node's subscriber thread out of its blocking read.
+pub fn wake_channel(process: &str) -> String {
+    format!("rc:wake:{process}")
+}
+
+/// The liveness key of a node.
+pub fn node_key(node: &str) -> String {
+    format!("rc:node:{node}")
+}
+
+/// A user's connection counts per node.
+pub fn user_key(user: &str) -> String {
+    format!("rc:user:{user}")
+}
+
+/// A room's keys: state, history, presence, users, per-node connections.
+/// `/` cannot occur in a room name (`:` can), so no room's keys are another's.
+pub fn room_keys(room: &str) -> [String; 5] {
+    [
+        format!("rc:room/{room}"),
+        format!("rc:room/{room}/h"),
+        format!("rc:room/{room}/p"),
+        format!("rc:room/{room}/u"),
+        format!("rc:room/{room}/c"),
+    ]
+}
+
+/// What the loop asks of the command connection, in order. Those with a
+/// `req` are answered with an [`Event::Reply`] (also when Redis is away);
+/// the others are fire and forget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// A `join`: this node's count for the user in the room, the room's state,
+    /// `user_joined` when the user is new to the room, the join marker, and the
+    /// history after `since`.
+    Join {
+        req: ReqId,
+        room: String,
+        /// The subscription the join needs (it waits until it is in force).
+        sub_generation: u64,
+        user_id: String,
+        user_json: String,
+        /// The user's connections in the room on this node, this one included.
+        local_count: u32,
+        since: Option<u64>,
+        epoch: Option<String>,
+        /// Published on the room's channel right after the join took effect.
+        marker: String,
+    },
+    /// A `message` (from a client or `/api/publish`): the frame is
+    /// `head` + seq + `tail`.
+    Publish {
+        req: ReqId,
+        room: String,
+        head: String,
+        tail: String,
+    },
+    /// The users of a room on every live node.
+    Presence { req: ReqId, room: String },
+    /// A `direct` or a kick: published on the users channel when the user has
+    /// a connection on a live node; answered with how many.
+    SendUser {
+        req: ReqId,
+        user_id: String,
+        envelope: String,
+    },
+    /// This node's count for a user in a room changed (leave, disconnect);
+    /// `user_left` goes out when the user is then gone from every node.
+    Member {
+        room: String,
+        user_id: String,
+        user_json: String,
+        local_count: u32,
+    },
+    /// A `typing` frame for the room's members on every node.
+    RoomEvent { room: String, envelope: String },
+    /// This node's open connections of a user.
+    UserCount { user_id: String, count: u32 },
+    /// (Re)register under a new node id with everything this node holds.
+    Register {
+        req: ReqId,
+        rooms: Vec<RoomMembers>,
+        users: Vec<(String, u32)>,
+    },
+    /// Keep the keys of these rooms and users from expiring.
+    Refresh {
+        rooms: Vec<String>,
+        users: Vec<String>,
+    },
+    /// Graceful shutdown: stop counting in presence now.
+    Shutdown,
+}
+
+/// A room's local members, for registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomMembers {
+    pub room: String,
+    /// (user id, connections here, user JSON).
+    pub users: Vec<(String, u32, String)>,
+}
+
+/// Changes to the pub/sub connection's channels, applied in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subscription {
+    /// Subscribe to a room's channel; `generation` grows with every request.
+    Subscribe { room: String, generation: u64 },
+    /// Unsubscribe from a room's channel.
+    Unsubscribe { room: String },
+}
+
+/// What the hub sends out, in the order it decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outgoing {
+    Command(Command),
+    Subscription(Subscription),
+}
+
+/// A room's state as a script read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomState {
+    pub epoch: String,
+    pub seq: u64,
+    pub count: u64,
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// `Join`: the room's state, how many messages the history holds, and the
+    /// history after `since` (texts, oldest first) when it applies.
+    Joined {
+        state: RoomState,
+        history_len: u64,
+        frames: Vec<String>,
+    },
+    /// `Publish`.
+    Published { seq: u64, delivered: u64 },
+    /// `Presence`: (user id, connections, user JSON), one entry per user and node.
+    Presence { entries: Vec<(String, u64, String)> },
+    /// `SendUser`: the user's connections on live nodes.
+    Sent { connections: u64 },
+    /// `Register`: each room's state, in the order given.
+    Registered { rooms: Vec<RoomState> },
+}
+
+/// An item on a room's channel, already framed for WebSocket where it is one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoomItem {
+    /// A `message` with its seq.
+    Message { seq: u64, frame: Bytes },
+    /// `typing`, `user_joined`, `user_left`: to every member but those of `except`.
+    Event {
+        except: Option<String>,
+        frame: Bytes,
+    },
+    /// One of this node's joins took effect here in the room's stream.
+    Marker { req: ReqId },
+}
+
+/// An item on the users channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserItem {
+    Direct(Bytes),
+    Kick,
+}
+
+/// What the bridge threads report to the loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The command connection is up (scripts loaded) or lost.
+    CommandLink(bool),
+    /// The pub/sub connection is up (every channel subscribed) or lost.
+    SubscriberLink(bool),
+    /// The answer to a request; `Err` when Redis could not be reached or refused it.
+    Reply {
+        req: ReqId,
+        result: Result<Reply, ()>,
+    },
+    Room {
+        room: String,
+        item: RoomItem,
+    },
+    User {
+        user_id: String,
+        item: UserItem,
+    },
+    /// The command thread did its shutdown work.
+    Stopped,
+}
+
+/// Appends `{len}:{text}`: a length-prefixed string, safe for any content.
+fn push_counted(out: &mut String, text: &str) {
+    out.push_str(&text.len().to_string());
+    out.push(':');
+    out.push_str(text);
+}
+
+/// Splits `{len}:{text}{rest}` into `text` and `rest`.
+fn split_counted(input: &str) -> Option<(&str, &str)> {
+    let (len, rest) = input.split_once(':')?;
+    let len: usize = len.parse().ok()?;
+    if !rest.is_char_boundary(len.min(rest.len())) || rest.len() < len {
+        return None;
+    }
+    Some(rest.split_at(len))
+}
+
+/// A room event for every member but the user `except` (if any).
+pub fn event_envelope(except: Option<&str>, frame_text: &str) -> String {
+    let mut out = String::with_capacity(frame_text.len() + 16);
+    out.push('e');
+    push_counted(&mut out, except.unwrap_or(""));
+    out.push_str(frame_text);
+    out
+}
+
+/// The join marker of request `req` of process `process`.
+pub fn marker_envelope(process: &str, req: ReqId) -> String {
+    let mut out = String::from("j");
+    push_counted(&mut out, process);
+    out.push_str(&req.to_string());
+    out
+}
+
+/// A `direct` frame for every connection of `user`.
+pub fn direct_envelope(user: &str, frame_text: &str) -> String {
+    let mut out = String::with_capacity(frame_text.len() + user.len() + 8);
+    out.push('d');
+    push_counted(&mut out, user);
+    out.push_str(frame_text);
+    out
+}
+
+/// Close every connection of `user` with 4003.
+pub fn kick_envelope(user: &str) -> String {
+    let mut out = String::from("k");
+    push_counted(&mut out, user);
+    out
+}
+
+/// Reads an item of a room channel; `None` for a marker of another process
+/// or anything malformed.
+pub fn parse_room_item(payload: &str, process: &str) -> Option<RoomItem> {
+    let rest = payload.get(1..)?;
+    match payload.as_bytes().first()? {
+        b'm' => {
+            let (seq, frame) = rest.split_once(':')?;
+            Some(RoomItem::Message {
+                seq: seq.parse().ok()?,
+                frame: protocol::text_frame(frame),
+            })
+        }
+        b'e' => {
+            let (except, frame) = split_counted(rest)?;
+            Some(RoomItem::Event {
+                except: (!except.is_empty()).then(|| except.to_string()),
+                frame: protocol::text_frame(frame),
+            })
+        }
+        b'j' => {
+            let (owner, req) = split_counted(rest)?;
+            (owner == process).then_some(())?;
+            Some(RoomItem::Marker {
+                req: req.parse().ok()?,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Reads an item of the users channel.
+pub fn parse_user_item(payload: &str) -> Option<(String, UserItem)> {
+    let rest = payload.get(1..)?;
+    match payload.as_bytes().first()? {
+        b'd' => {
+            let (user, frame) = split_counted(rest)?;
+            Some((
+                user.to_string(),
+                UserItem::Direct(protocol::text_frame(frame)),
+            ))
+        }
+        b'k' => {
+            let (user, _) = split_counted(rest)?;
+            Some((user.to_string(), UserItem::Kick))
+        }
+        _ => None,
+    }
+}
+
+/// 64 random bits as hex: node and process ids.
+pub fn random_id() -> String {
+    let value = getrandom::u64().unwrap_or_else(|_| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    format!("{value:016x}")
+}
+
+/// A fresh epoch: 128 random bits as hex.
+pub fn random_epoch() -> String {
+    format!("{}{}", random_id(), random_id())
+}
+
+/// Helpers shared by the scripts.
+const PRELUDE: &str = r#"
+local function alive(cache, node)
+  local a = cache[node]
+  if a == nil then
+    a = redis.call('EXISTS', 'rc:node:' .. node) == 1
+    cache[node] = a
+  end
+  return a
+end
+local function count_of(value)
+  return tonumber(string.sub(value, 1, string.find(value, '|', 1, true) - 1))
+end
+-- Removes the entries of dead nodes from a room's p, u and c hashes.
+local function purge(p, u, c)
+  local cache, dead, any = {}, {}, false
+  for _, node in ipairs(redis.call('HKEYS', c)) do
+    if not alive(cache, node) then
+      dead[node] = true
+      any = true
+      redis.call('HDEL', c, node)
+    end
+  end
+  if not any then return end
+  local flat = redis.call('HGETALL', p)
+  for i = 1, #flat, 2 do
+    local field = flat[i]
+    local bar = string.find(field, '|', 1, true)
+    if dead[string.sub(field, 1, bar - 1)] then
+      local user = string.sub(field, bar + 1)
+      if redis.call('HINCRBY', u, user, -count_of(flat[i + 1])) <= 0 then
+        redis.call('HDEL', u, user)
+      end
+      redis.call('HDEL', p, field)
+    end
+  end
+end
+local function ensure_room(key, fresh)
+  local epoch = redis.call('HGET', key, 'epoch')
+  if not epoch then
+    epoch = fresh
+    redis.call('HSET', key, 'epoch', epoch, 'seq', 0)
+  end
+  return epoch
+end
+-- Sets this node's connections of a user in a room; returns the user's
+-- connections on every live node before.
+local function set_member(p, u, c, node, user, n, user_json)
+  local field = node .. '|' .. user
+  local old = redis.call('HGET', p, field)
+  local was = 0
+  if old then was = count_of(old) end
+  local before = tonumber(redis.call('HGET', u, user) or '0')
+  if n > 0 then
+    redis.call('HSET', p, field, n .. '|' .. user_json)
+  else
+    redis.call('HDEL', p, field)
+  end
+  local delta = n - was
+  if delta ~= 0 then
+    if redis.call('HINCRBY', u, user, delta) <= 0 then redis.call('HDEL', u, user) end
+    if redis.call('HINCRBY', c, node, delta) <= 0 then redis.call('HDEL', c, node) end
+  end
+  return before
+end
+"#;
+
+/// KEYS: room, history, p, u, c. ARGV: fresh epoch, node, user, local count,
+/// user JSON, TTL ms, channel, room as JSON, marker, since or '', epoch or ''.
+/// Returns {epoch, seq, count, history length, frames after since...}.
+const JOIN_BODY: &str = r#"
+purge(KEYS[3], KEYS[4], KEYS[5])
+local epoch = ensure_room(KEYS[1], ARGV[1])
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+local before = set_member(KEYS[3], KEYS[4], KEYS[5], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5])
+local count = redis.call('HLEN', KEYS[4])
+if before == 0 then
+  redis.call('PUBLISH', ARGV[7], 'e' .. #ARGV[3] .. ':' .. ARGV[3] ..
+    '{"type":"user_joined","payload":{"room":' .. ARGV[8] .. ',"user":' .. ARGV[5] ..
+    ',"count":' .. count .. '}}')
+end
+redis.call('PUBLISH', ARGV[7], ARGV[9])
+for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
+local len = redis.call('LLEN', KEYS[2])
+local out = {epoch, seq, count, len}
+if ARGV[10] ~= '' and (ARGV[11] == '' or ARGV[11] == epoch) then
+  local since = tonumber(ARGV[10])
+  if since < seq then
+    local start = since - seq + len
+    if start < 0 then start = 0 end
+    for _, frame in ipairs(redis.call('LRANGE', KEYS[2], start, -1)) do out[#out + 1] = frame end
+  end
+end
+return out
+"#;
+
+/// KEYS: room, history, c. ARGV: fresh epoch, --history, TTL ms, channel,
+/// frame head, frame tail. Returns {seq, connections of members on live nodes}.
+const PUBLISH_BODY: &str = r#"
+ensure_room(KEYS[1], ARGV[1])
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local frame = ARGV[5] .. seq .. ARGV[6]
+local keep = tonumber(ARGV[2])
+if keep > 0 then
+  redis.call('RPUSH', KEYS[2], frame)
+  redis.call('LTRIM', KEYS[2], -keep, -1)
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+else
+  redis.call('DEL', KEYS[2])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PUBLISH', ARGV[4], 'm' .. seq .. ':' .. frame)
+local cache, delivered = {}, 0
+local flat = redis.call('HGETALL', KEYS[3])
+for i = 1, #flat, 2 do
+  if alive(cache, flat[i]) then delivered = delivered + tonumber(flat[i + 1]) end
+end
+return {seq, delivered}
+"#;
+
+/// KEYS: p, u, c. ARGV: node, user, local count, user JSON, TTL ms, channel,
+/// room as JSON. Publishes `user_left` when the user was in the room and is
+/// now on no live node.
+const MEMBER_BODY: &str = r#"
+purge(KEYS[1], KEYS[2], KEYS[3])
+local before = set_member(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4])
+if before > 0 and redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then
+  redis.call('PUBLISH', ARGV[6], 'e0:{"type":"user_left","payload":{"room":' .. ARGV[7] ..
+    ',"user":' .. ARGV[4] .. ',"count":' .. redis.call('HLEN', KEYS[2]) .. '}}')
+end
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
+return 1
+"#;
+
+/// KEYS: p, u, c. Returns the live entries of p as a flat list.
+const PRESENCE_BODY: &str = r#"
+purge(KEYS[1], KEYS[2], KEYS[3])
+return redis.call('HGETALL', KEYS[1])
+"#;
+
+/// KEYS: user. ARGV: channel, envelope. Publishes when the user has a
+/// connection on a live node; returns how many.
+const SEND_USER_BODY: &str = r#"
+local cache, total = {}, 0
+local flat = redis.call('HGETALL', KEYS[1])
+for i = 1, #flat, 2 do
+  if alive(cache, flat[i]) then
+    total = total + tonumber(flat[i + 1])
+  else
+    redis.call('HDEL', KEYS[1], flat[i])
+  end
+end
+if total > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+return total
+"#;
+
+/// KEYS: room, history, p, u, c. ARGV: fresh epoch, node, TTL ms, then
+/// (user, local count, user JSON) triples. Returns {epoch, seq, count}.
+const REGISTER_ROOM_BODY: &str = r#"
+purge(KEYS[3], KEYS[4], KEYS[5])
+local epoch = ensure_room(KEYS[1], ARGV[1])
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+for i = 4, #ARGV, 3 do
+  set_member(KEYS[3], KEYS[4], KEYS[5], ARGV[2], ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2])
+end
+for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+return {epoch, seq, redis.call('HLEN', KEYS[4])}
+"#;
+
+/// The Lua scripts, loaded once per connection and called by their SHA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Script {
+    Join,
+    Publish,
+    Member,
+    Presence,
+    SendUser,
+    RegisterRoom,
+}
+
+impl Script {
+    /// Every script, in a fixed order (the index of each SHA).
+    pub const ALL: [Script; 6] = [
+        Script::Join,
+        Script::Publish,
+        Script::Member,
+        Script::Presence,
+        Script::SendUser,
+        Script::RegisterRoom,
+    ];
+
+    /// The full source: the shared helpers and the script's body.
+    pub fn source(self) -> String {
+        let body = match self {
+            Script::Join => JOIN_BODY,
+            Script::Publish => PUBLISH_BODY,
+            Script::Member => MEMBER_BODY,
+            Script::Presence => PRESENCE_BODY,
+            Script::SendUser => SEND_USER_BODY,
+            Script::RegisterRoom => REGISTER_ROOM_BODY,
+        };
+        format!("{PRELUDE}{body}")
+    }
+
+    /// Position in `ALL`.
+    pub fn index(self) -> usize {
+        Script::ALL.iter().position(|s| *s == self).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(frame: &Bytes) -> &str {
+        protocol::text_frame_payload(frame).unwrap()
+    }
+
+    #[test]
+    fn room_items_round_trip() {
+        let item = parse_room_item(r#"m42:{"type":"message"}"#, "p").unwrap();
+        let RoomItem::Message { seq, frame } = item else {
+            panic!("a message")
+        };
+        assert_eq!(seq, 42);
+        assert_eq!(payload(&frame), r#"{"type":"message"}"#);
+
+        let envelope = event_envelope(Some("a:b 9\n"), r#"{"type":"typing"}"#);
+        let RoomItem::Event { except, frame } = parse_room_item(&envelope, "p").unwrap() else {
+            panic!("an event")
+        };
+        assert_eq!(except.as_deref(), Some("a:b 9\n"));
+        assert_eq!(payload(&frame), r#"{"type":"typing"}"#);
+
+        let envelope = event_envelope(None, "{}");
+        assert!(matches!(
+            parse_room_item(&envelope, "p"),
+            Some(RoomItem::Event { except: None, .. })
+        ));
+    }
+
+    #[test]
+    fn markers_of_other_processes_are_ignored() {
+        let marker = marker_envelope("abc", 17);
+        assert_eq!(
+            parse_room_item(&marker, "abc"),
+            Some(RoomItem::Marker { req: 17 })
+        );
+        assert_eq!(parse_room_item(&marker, "abd"), None);
+    }
+
+    #[test]
+    fn user_items_round_trip() {
+        let (user, item) = parse_user_item(&direct_envelope("bob", "{}")).unwrap();
+        assert_eq!(user, "bob");
+        assert!(matches!(item, UserItem::Direct(_)));
+        assert_eq!(
+            parse_user_item(&kick_envelope("é:x")),
+            Some(("é:x".to_string(), UserItem::Kick))
+        );
+    }
+
+    #[test]
+    fn malformed_items_are_refused() {
+        for bad in ["", "x", "m", "mx:{}", "e9:ab", "e1x:{}", "j3:ab"] {
+            assert_eq!(parse_room_item(bad, "ab"), None, "{bad:?}");
+        }
+        for bad in ["", "d", "d5:ab", "q1:a"] {
+            assert_eq!(parse_user_item(bad), None, "{bad:?}");
+        }
+        // A length that would cut a character in two.
+        assert_eq!(parse_user_item("d1:é{}"), None);
+    }
+
+    #[test]
+    fn rooms_never_share_keys() {
+        // `:` is allowed in room names: "a:p" must not be room "a"'s presence.
+        let a = room_keys("a");
+        let b = room_keys("a:p");
+        assert!(a.iter().all(|key| !b.contains(key)));
+        assert_ne!(room_channel("a:p"), USERS_CHANNEL);
+    }
+
+    #[test]
+    fn script_sources_include_the_helpers() {
+        for script in Script::ALL {
+            let source = script.source();
+            assert!(source.contains("local function purge"));
+            assert_eq!(Script::ALL[script.index()], script);
+        }
+    }
+}

@@ -1,0 +1,433 @@
+//! The hub's cluster mode without Redis: requests are read from
+//! `take_cluster_out`, and Redis's answers and publications are played back
+//! as `Event`s in the orders the real bridge can produce them.
+
+use serde_json::{Value, json};
+
+use super::*;
+use crate::auth::{Identity, RoomAccess, Verifier};
+use crate::hub::HubConfig;
+use crate::outbound::Marks;
+
+const NOW: Millis = 1_700_000_000_000;
+
+fn hub() -> Hub {
+    let mut hub = Hub::new(HubConfig {
+        history: 100,
+        max_rooms_per_connection: 3,
+        typing_timeout_ms: 6000,
+        heartbeat_ms: 0,
+        pong_timeout_ms: 10_000,
+        rate_limit: 0,
+        rate_burst: 100,
+        marks: Marks {
+            soft: 256 * 1024,
+            hard: 4 * 1024 * 1024,
+        },
+        verifier: Verifier::new(b"secret"),
+    });
+    hub.enable_cluster("proc".into(), NOW);
+    hub
+}
+
+/// Both links up and the registration answered: the node is up.
+fn up(hub: &mut Hub) {
+    hub.cluster_event(Event::CommandLink(true), NOW);
+    hub.cluster_event(Event::SubscriberLink(true), NOW);
+    let register = out(hub)
+        .into_iter()
+        .find_map(|o| match o {
+            Outgoing::Command(Command::Register { req, .. }) => Some(req),
+            _ => None,
+        })
+        .expect("a registration");
+    reply(hub, register, Reply::Registered { rooms: Vec::new() });
+    assert_eq!(hub.cluster_up(), Some(true));
+}
+
+fn out(hub: &mut Hub) -> Vec<Outgoing> {
+    let mut out = Vec::new();
+    hub.take_cluster_out(&mut out);
+    out
+}
+
+fn reply(hub: &mut Hub, req: ReqId, reply: Reply) {
+    hub.cluster_event(
+        Event::Reply {
+            req,
+            result: Ok(reply),
+        },
+        NOW,
+    );
+}
+
+fn identity(user: &str) -> Identity {
+    Identity {
+        user_id: user.into(),
+        name: user.into(),
+        expires_at: None,
+        rooms: RoomAccess::Every,
+    }
+}
+
+fn connect(hub: &mut Hub, conn: ConnId, user: &str) {
+    hub.connect(conn, identity(user), None, NOW);
+    assert_eq!(kinds(&drain(hub, conn)), ["welcome"]);
+}
+
+fn send(hub: &mut Hub, conn: ConnId, frame: Value) {
+    hub.receive_text(conn, &frame.to_string(), NOW);
+}
+
+/// Everything queued to a connection, as JSON.
+fn drain(hub: &mut Hub, conn: ConnId) -> Vec<Value> {
+    let Some(queue) = hub.outbound_mut(conn) else {
+        return Vec::new();
+    };
+    let bytes = queue.to_vec();
+    queue.clear();
+    let mut frames = Vec::new();
+    let mut rest = &bytes[..];
+    while rest.len() >= 2 {
+        let (header, len) = match rest[1] & 0x7f {
+            126 => (4, usize::from(u16::from_be_bytes([rest[2], rest[3]]))),
+            n => (2, usize::from(n)),
+        };
+        frames.push(serde_json::from_slice(&rest[header..header + len]).unwrap());
+        rest = &rest[header + len..];
+    }
+    frames
+}
+
+fn kinds(frames: &[Value]) -> Vec<String> {
+    frames
+        .iter()
+        .map(|f| f["type"].as_str().unwrap_or("?").to_string())
+        .collect()
+}
+
+fn room_message(seq: u64) -> Event {
+    Event::Room {
+        room: "r".into(),
+        item: RoomItem::Message {
+            seq,
+            frame: protocol::text_frame(&format!(
+                r#"{{"type":"message","payload":{{"room":"r","seq":{seq}}}}}"#
+            )),
+        },
+    }
+}
+
+fn marker(req: ReqId) -> Event {
+    Event::Room {
+        room: "r".into(),
+        item: RoomItem::Marker { req },
+    }
+}
+
+/// Sends `join r` and returns the join's request id (after the subscription).
+fn start_join(hub: &mut Hub, conn: ConnId, id: &str) -> ReqId {
+    send(
+        hub,
+        conn,
+        json!({"type": "join", "id": id, "payload": {"room": "r"}}),
+    );
+    out(hub)
+        .into_iter()
+        .find_map(|o| match o {
+            Outgoing::Command(Command::Join { req, .. }) => Some(req),
+            _ => None,
+        })
+        .expect("a join command")
+}
+
+fn joined(seq: u64) -> Reply {
+    Reply::Joined {
+        state: RoomState {
+            epoch: "e1".into(),
+            seq,
+            count: 1,
+        },
+        history_len: seq,
+        frames: Vec::new(),
+    }
+}
+
+fn seqs(frames: &[Value]) -> Vec<u64> {
+    frames
+        .iter()
+        .filter(|f| f["type"] == "message")
+        .map(|f| f["payload"]["seq"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_join_subscribes_first_and_names_its_subscription() {
+    let mut hub = hub();
+    up(&mut hub);
+    connect(&mut hub, 1, "alice");
+    assert!(matches!(
+        &out(&mut hub)[..],
+        [Outgoing::Command(Command::UserCount { count: 1, .. })]
+    ));
+    send(
+        &mut hub,
+        1,
+        json!({"type": "join", "payload": {"room": "r"}}),
+    );
+    let sent = out(&mut hub);
+    let [
+        Outgoing::Subscription(Subscription::Subscribe { room, generation }),
+        Outgoing::Command(Command::Join { sub_generation, .. }),
+    ] = &sent[..]
+    else {
+        panic!("subscribe, then join: {sent:?}");
+    };
+    assert_eq!(room, "r");
+    assert_eq!(generation, sub_generation);
+    hub.check_invariants().unwrap();
+}
+
+#[test]
+fn traffic_before_the_marker_is_dropped_and_after_it_waits_for_joined() {
+    let mut hub = hub();
+    up(&mut hub);
+    connect(&mut hub, 1, "alice");
+    let req = start_join(&mut hub, 1, "j");
+    // From before the join took effect: covered by `joined`.
+    hub.cluster_event(room_message(5), NOW);
+    hub.cluster_event(marker(req), NOW);
+    // After it: held until `joined` is queued.
+    hub.cluster_event(room_message(6), NOW);
+    assert!(drain(&mut hub, 1).is_empty());
+    reply(&mut hub, req, joined(5));
+    hub.cluster_event(room_message(7), NOW);
+    let frames = drain(&mut hub, 1);
+    assert_eq!(kinds(&frames), ["joined", "message", "message"]);
+    assert_eq!(frames[0]["id"], "j");
+    assert_eq!(seqs(&frames), [6, 7]);
+    hub.check_invariants().unwrap();
+}
+
+#[test]
+fn a_marker_after_the_reply_still_drops_earlier_traffic() {
+    let mut hub = hub();
+    up(&mut hub);
+    connect(&mut hub, 1, "alice");
+    let req = start_join(&mut hub, 1, "j");
+    reply(&mut hub, req, joined(3));
+    // seq 3 was published before the join's script ran: in `joined` already.
+    hub.cluster_event(room_message(3), NOW);
+    hub.cluster_event(marker(req), NOW);
+    hub.cluster_event(room_message(4), NOW);
+    let frames = drain(&mut hub, 1);
+    assert_eq!(kinds(&frames), ["joined", "message"]);
+    assert_eq!(seqs(&frames), [4]);
+    hub.check_invariants().unwrap();
+}
+
+#[test]
+fn replies_keep_request_order_behind_an_answer_from_redis() {
+    let mut hub = hub();
+    up(&mut hub);
+    connect(&mut hub, 1, "alice");
+    let req = start_join(&mut hub, 1, "j");
+    send(&mut hub, 1, json!({"type": "ping", "id": "p"}));
+    send(
+        &mut hub,
+        1,
+        json!({"type": "leave", "id": "l", "payload": {"room": "r"}}),
+    );
+    assert!(drain(&mut hub, 1).is_empty(), "nothing overtakes `joined`");
+    reply(&mut hub, req, joined(0));
+    let frames = drain(&mut hub, 1);
+    assert_eq!(kinds(&frames), ["joined", "pong", "left"]);
+    // The leave told Redis this node has no more of alice in the room.
+    let sent = out(&mut hub);
+    assert!(
+        sent.iter()
+            .any(|o| matches!(o, Outgoing::Command(Command::Member { local_count: 0, .. }))),
+        "{sent:?}"
+    );
+    assert!(
+        sent.iter()
+            .any(|o| matches!(o, Outgoing::Subscription(Subscription::Unsubscribe { .. }))),
+        "{sent:?}"
+    );
+    hub.check_invariants().unwrap();
+}
+
+#[test]
+fn a_failed_join_is_undone_and_answered_unavailable() {
+    let mut hub = hub();
+    up(&mut hub);
+    connect(&mut hub, 1, "alice");
+    let req = start_join(&mut hub, 1, "j");
+    hub.cluster_event(
+        Event::Reply {
+            req,
+            result: Err(()),
+        },
+        NOW,
+    );
+    let frames = drain(&mut hub, 1);
+    assert_eq!(kinds(&frames), ["error"]);
+    assert_eq!(frames[0]["payload"]["code"], "unavailable");
+    assert_eq!(frames[0]["id"], "j");
+    assert_eq!(hub.occupied_room_count(), 0);
+    hub.check_invariants().unwrap();
+}
+
+#[test]
+fn during_an_outage_cluster_requests_are_refused_and_leave_stays_local() {
+    let mut hub = hub();
+    up(&mut hub);
+    connect(&mut hub, 1, "alice");
+    let req = start_join(&mut hub, 1, "j");
+    reply(&mut hub, req, joined(0));
+    drain(&mut hub, 1);
+    hub.cluster_event(Event::SubscriberLink(false), NOW);
+    assert_eq!(hub.cluster_up(), Some(false));
+    for request in [
+        json!({"type": "message", "id": 1, "payload": {"room": "r", "content": 1}}),
+        json!({"type": "join", "id": 2, "payload": {"room": "s"}}),
+        json!({"type": "presence", "id": 3, "payload": {"room": "r"}}),
+        json!({"type": "direct", "id": 4, "payload": {"to": "bob", "content": 1}}),
+    ] {
+        send(&mut hub, 1, request);
+        let frames = drain(&mut hub, 1);
+        assert_eq!(frames[0]["payload"]["code"], "unavailable", "{frames:?}");
+    }
+    send(
+        &mut hub,
+        1,
+        json!({"type": "typing", "payload": {"room": "r", "is_typing": true}}),
+    );
+    send(
+        &mut hub,
+        1,
+        json!({"type": "leave", "payload": {"room": "r"}}),
+    );
+    assert_eq!(kinds(&drain(&mut hub, 1)), ["left"]);
+    // Nothing went to Redis but the unsubscription.
+    let sent = out(&mut hub);
+    assert!(
+        sent.iter().all(|o| matches!(o, Outgoing::Subscription(_))),
+        "{sent:?}"
+    );
+    assert_eq!(
+        hub.cluster_api(ApiKind::Publish, br#"{"room":"r","content":1}"#, NOW, 7),
+        Some(ApiAnswer::Unavailable)
+    );
+    hub.check_invariants().unwrap();
+}
+
+#[test]
+fn a_room_whose_epoch_changed_tells_its_members() {
+    let mut hub = hub();
+    up(&mut hub);
+    connect(&mut hub, 1, "alice");
+    let req = start_join(&mut hub, 1, "j");
+    reply(&mut hub, req, joined(9));
+    drain(&mut hub, 1);
+    // Redis restarted empty: both links drop and come back.
+    hub.cluster_event(Event::CommandLink(false), NOW);
+    hub.cluster_event(Event::SubscriberLink(false), NOW);
+    hub.cluster_event(Event::CommandLink(true), NOW);
+    hub.cluster_event(Event::SubscriberLink(true), NOW);
+    let (register, rooms) = out(&mut hub)
+        .into_iter()
+        .find_map(|o| match o {
+            Outgoing::Command(Command::Register { req, rooms, .. }) => Some((req, rooms)),
+            _ => None,
+        })
+        .expect("registered again");
+    assert_eq!(rooms.len(), 1);
+    assert_eq!(
+        rooms[0].users,
+        [("alice".into(), 1, r#"{"id":"alice","name":"alice"}"#.into())]
+    );
+    let fresh = RoomState {
+        epoch: "e2".into(),
+        seq: 0,
+        count: 1,
+    };
+    reply(&mut hub, register, Reply::Registered { rooms: vec![fresh] });
+    let frames = drain(&mut hub, 1);
+    assert_eq!(kinds(&frames), ["joined"]);
+    assert_eq!(frames[0]["payload"]["epoch"], "e2");
+    assert_eq!(frames[0]["payload"]["seq"], 0);
+    assert!(frames[0].get("id").is_none());
+    hub.cluster_event(room_message(1), NOW);
+    assert_eq!(seqs(&drain(&mut hub, 1)), [1]);
+}
+
+#[test]
+fn messages_missed_while_cut_off_are_reported_as_lagged() {
+    let mut hub = hub();
+    up(&mut hub);
+    connect(&mut hub, 1, "alice");
+    let req = start_join(&mut hub, 1, "j");
+    hub.cluster_event(marker(req), NOW);
+    reply(&mut hub, req, joined(2));
+    hub.cluster_event(room_message(3), NOW);
+    assert_eq!(seqs(&drain(&mut hub, 1)), [3]);
+    // The subscriber's connection drops and comes back; Redis kept the room,
+    // whose seq moved on meanwhile.
+    hub.cluster_event(Event::SubscriberLink(false), NOW);
+    hub.cluster_event(Event::SubscriberLink(true), NOW);
+    let register = out(&mut hub)
+        .into_iter()
+        .find_map(|o| match o {
+            Outgoing::Command(Command::Register { req, .. }) => Some(req),
+            _ => None,
+        })
+        .expect("registered again");
+    let same = RoomState {
+        epoch: "e1".into(),
+        seq: 7,
+        count: 1,
+    };
+    reply(&mut hub, register, Reply::Registered { rooms: vec![same] });
+    let frames = drain(&mut hub, 1);
+    assert_eq!(kinds(&frames), ["lagged"]);
+    assert_eq!(
+        frames[0]["payload"],
+        json!({"room": "r", "from_seq": 4, "to_seq": 7})
+    );
+    hub.cluster_event(room_message(8), NOW);
+    assert_eq!(seqs(&drain(&mut hub, 1)), [8]);
+}
+
+#[test]
+fn presence_merges_the_nodes_of_each_user() {
+    let mut hub = hub();
+    up(&mut hub);
+    connect(&mut hub, 1, "alice");
+    send(
+        &mut hub,
+        1,
+        json!({"type": "presence", "id": "p", "payload": {"room": "r"}}),
+    );
+    let req = out(&mut hub)
+        .into_iter()
+        .find_map(|o| match o {
+            Outgoing::Command(Command::Presence { req, .. }) => Some(req),
+            _ => None,
+        })
+        .unwrap();
+    let entries = vec![
+        ("bob".into(), 2, r#"{"id":"bob","name":"Bob"}"#.into()),
+        ("alice".into(), 1, r#"{"id":"alice","name":"alice"}"#.into()),
+        ("bob".into(), 1, r#"{"id":"bob","name":"Bob"}"#.into()),
+    ];
+    reply(&mut hub, req, Reply::Presence { entries });
+    let frames = drain(&mut hub, 1);
+    assert_eq!(
+        frames[0]["payload"]["users"],
+        json!([
+            {"id": "bob", "name": "Bob", "connections": 3},
+            {"id": "alice", "name": "alice", "connections": 1},
+        ])
+    );
+}

@@ -1,0 +1,621 @@
+//! `--redis`: several nodes on one Redis behave as one server (PROTOCOL §10,
+//! §11 "Cluster details"). Each test starts its own `redis-server` on a free
+//! loopback port and two or three nodes (the real binary) against it.
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::{Client, TestServer};
+use serde_json::{Value, json};
+
+const API_KEY: &str = "cluster-key";
+
+/// A `redis-server` of our own, killed on drop.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        Self::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Redis {
+        let child = Command::new(redis_server())
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let redis = Redis {
+            child: Some(child),
+            port,
+        };
+        // Up once it answers PING (bounded: 200 tries × 25 ms).
+        for _ in 0..200 {
+            if redis.ping() {
+                return redis;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("redis-server on port {port} did not come up");
+    }
+
+    fn ping(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut answer = [0u8; 7];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut answer).is_ok()
+            && &answer == b"+PONG\r\n"
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: Redis vanishes with everything it held (no persistence).
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn redis_server() -> String {
+    for candidate in ["/usr/bin/redis-server", "/usr/local/bin/redis-server"] {
+        if std::path::Path::new(candidate).exists() {
+            return candidate.to_string();
+        }
+    }
+    "redis-server".to_string()
+}
+
+/// A node on `redis`, once it reports itself healthy (registered).
+fn node(redis: &Redis, extra: &[&str]) -> TestServer {
+    let url = redis.url();
+    let mut args = vec!["--redis", url.as_str(), "--api-key", API_KEY];
+    args.extend_from_slice(extra);
+    let server = TestServer::start(&args);
+    eventually(&format!("node {} healthy", server.addr), || {
+        http(server.addr, "GET", "/health", "").0 == 200
+    });
+    server
+}
+
+/// Retries a condition (bounded: 500 tries, 20 ms apart) for things that
+/// happen "eventually": Redis noticed gone or back, a node's TTL expiring.
+fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if condition() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// One HTTP request on its own connection: (status, body).
+fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let Ok(mut stream) = TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    let _ = stream.set_read_timeout(Some(common::WAIT));
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if stream.write_all(request.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (common::status_of(&answer), body)
+}
+
+fn publish(addr: SocketAddr, body: Value) -> (u16, Value) {
+    let (status, body) = http(addr, "POST", "/api/publish", &body.to_string());
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+fn send(client: &mut Client, room: &str, content: Value, id: Option<&str>) {
+    let mut frame = json!({"type": "message", "payload": {"room": room, "content": content}});
+    if let Some(id) = id {
+        frame["id"] = json!(id);
+    }
+    client.send(frame);
+}
+
+/// The next frame of one of `kinds`, skipping the others.
+fn recv_kinds(client: &mut Client, kinds: &[&str]) -> Value {
+    loop {
+        let frame = client.recv();
+        if kinds.iter().any(|kind| frame["type"] == *kind) {
+            return frame;
+        }
+    }
+}
+
+/// The `ack` of one's own message and the message itself, in either order:
+/// (ack seq, message seq).
+fn ack_and_echo(client: &mut Client) -> (u64, u64) {
+    let (mut ack, mut echo) = (None, None);
+    while ack.is_none() || echo.is_none() {
+        let frame = recv_kinds(client, &["ack", "message", "error"]);
+        let seq = frame["payload"]["seq"].as_u64();
+        match frame["type"].as_str() {
+            Some("ack") => ack = seq,
+            Some("message") => echo = seq,
+            _ => panic!("{frame}"),
+        }
+    }
+    (ack.unwrap_or(0), echo.unwrap_or(0))
+}
+
+fn join_with(client: &mut Client, payload: Value) -> Value {
+    client.send(json!({"type": "join", "id": "j", "payload": payload}));
+    let joined = recv_kinds(client, &["joined", "error"]);
+    assert_eq!(joined["type"], "joined", "{joined}");
+    joined
+}
+
+#[test]
+fn messages_fan_out_across_nodes_once_and_in_seq_order() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis, &[]), node(&redis, &[]));
+    let mut alice = a.connect("alice");
+    let mut bob = b.connect("bob");
+    let mut carol = b.connect("carol");
+    alice.join("lobby");
+    bob.join("lobby");
+    carol.join("lobby");
+
+    // Both publish at once, from two nodes; everyone sees one sequence.
+    const EACH: u64 = 40;
+    for n in 0..EACH {
+        send(
+            &mut alice,
+            "lobby",
+            json!({"from": "alice", "n": n}),
+            Some("a"),
+        );
+        send(&mut bob, "lobby", json!({"from": "bob", "n": n}), None);
+    }
+    let mut orders = Vec::new();
+    let mut acks = Vec::new();
+    for client in [&mut alice, &mut bob, &mut carol] {
+        let mut seen = Vec::new();
+        let mut next_from = std::collections::HashMap::new();
+        while seen.len() < (2 * EACH) as usize {
+            let message = recv_kinds(client, &["message", "ack"]);
+            if message["type"] == "ack" {
+                acks.push(message["payload"]["seq"].as_u64().unwrap());
+                continue;
+            }
+            let payload = &message["payload"];
+            let from = payload["content"]["from"].as_str().unwrap().to_string();
+            let n = payload["content"]["n"].as_u64().unwrap();
+            // Each sender's messages in the order sent, none twice.
+            let expected = next_from.entry(from.clone()).or_insert(0);
+            assert_eq!(n, *expected, "{from}'s messages in order");
+            *expected += 1;
+            assert_eq!(payload["user"]["id"], from.as_str());
+            seen.push((payload["seq"].as_u64().unwrap(), from, n));
+        }
+        let seqs: Vec<u64> = seen.iter().map(|(seq, _, _)| *seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=2 * EACH).collect::<Vec<_>>(),
+            "seq 1.. without gaps"
+        );
+        orders.push(seen);
+    }
+    assert_eq!(orders[0], orders[1], "every node delivers the same order");
+    assert_eq!(orders[1], orders[2]);
+    // Alice's acks (which may come after her messages) carry their seqs, in order.
+    while acks.len() < EACH as usize {
+        acks.push(
+            recv_kinds(&mut alice, &["ack"])["payload"]["seq"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    let alices: Vec<u64> = orders[0]
+        .iter()
+        .filter(|(_, from, _)| from == "alice")
+        .map(|(seq, _, _)| *seq)
+        .collect();
+    assert_eq!(acks, alices);
+    alice.assert_alive();
+}
+
+#[test]
+fn seq_and_recovery_continue_on_another_node() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis, &[]), node(&redis, &[]));
+    let mut alice = a.connect("alice");
+    let joined = alice.join("news");
+    assert_eq!(joined["payload"]["seq"], 0);
+    let epoch = joined["payload"]["epoch"].as_str().unwrap().to_string();
+    for n in 1..=5 {
+        send(&mut alice, "news", json!(n), Some("m"));
+        assert_eq!(ack_and_echo(&mut alice), (n, n));
+    }
+
+    // Recovery on the other node: the messages after `since`, then live ones.
+    let mut bob = b.connect("bob");
+    let joined = join_with(
+        &mut bob,
+        json!({"room": "news", "since": 2, "epoch": epoch}),
+    );
+    assert_eq!(joined["payload"]["epoch"], epoch.as_str());
+    assert_eq!(joined["payload"]["seq"], 5);
+    assert_eq!(joined["payload"]["recovered"], true);
+    assert_eq!(joined["payload"]["missed"], 3);
+    for seq in 3..=5 {
+        let message = bob.recv();
+        assert_eq!(message["type"], "message");
+        assert_eq!(message["payload"]["seq"], seq);
+        assert_eq!(message["payload"]["content"], seq);
+    }
+    // The sequence goes on from the other node.
+    send(&mut bob, "news", json!(6), Some("m"));
+    assert_eq!(ack_and_echo(&mut bob), (6, 6));
+    assert_eq!(recv_kinds(&mut alice, &["message"])["payload"]["seq"], 6);
+
+    // A stale epoch recovers nothing; a third node sees the same room.
+    let c = node(&redis, &[]);
+    let mut carol = c.connect("carol");
+    let joined = join_with(
+        &mut carol,
+        json!({"room": "news", "since": 1, "epoch": "not-the-epoch"}),
+    );
+    assert_eq!(joined["payload"]["recovered"], false);
+    assert_eq!(joined["payload"]["missed"], 0);
+    assert_eq!(joined["payload"]["seq"], 6);
+    assert_eq!(joined["payload"]["count"], 3);
+    carol.assert_alive();
+}
+
+#[test]
+fn presence_typing_and_direct_see_every_node() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis, &[]), node(&redis, &[]));
+    let mut alice = a.connect("alice");
+    assert_eq!(alice.join("team")["payload"]["count"], 1);
+    let mut bob = b.connect("bob");
+    assert_eq!(bob.join("team")["payload"]["count"], 2);
+    let joined = recv_kinds(&mut alice, &["user_joined"]);
+    assert_eq!(joined["payload"]["user"]["id"], "bob");
+    assert_eq!(joined["payload"]["count"], 2);
+
+    // A second connection of bob's, on the other node: no second user_joined.
+    let mut bob2 = a.connect("bob");
+    assert_eq!(bob2.join("team")["payload"]["count"], 2);
+    let presence =
+        alice.request(json!({"type": "presence", "id": "p", "payload": {"room": "team"}}));
+    assert_eq!(presence["type"], "presence", "{presence}");
+    let mut users: Vec<(String, u64)> = presence["payload"]["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            (
+                u["id"].as_str().unwrap().to_string(),
+                u["connections"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    users.sort();
+    assert_eq!(users, vec![("alice".into(), 1), ("bob".into(), 2)]);
+
+    // Typing crosses nodes and skips the typist's own connections.
+    bob.send(json!({"type": "typing", "payload": {"room": "team", "is_typing": true}}));
+    let typing = recv_kinds(&mut alice, &["typing"]);
+    assert_eq!(typing["payload"]["user"]["id"], "bob");
+    assert_eq!(typing["payload"]["is_typing"], true);
+
+    // Direct reaches both of bob's connections, on two nodes.
+    alice.send(json!({"type": "direct", "id": "d", "payload": {"to": "bob", "content": "hi"}}));
+    assert_eq!(recv_kinds(&mut alice, &["ack", "error"])["type"], "ack");
+    for client in [&mut bob, &mut bob2] {
+        let direct = recv_kinds(client, &["direct"]);
+        assert_eq!(direct["payload"]["from"]["id"], "alice");
+        assert_eq!(direct["payload"]["content"], "hi");
+    }
+    alice.send(json!({"type": "direct", "id": "d2", "payload": {"to": "nobody", "content": 1}}));
+    let offline = recv_kinds(&mut alice, &["ack", "error"]);
+    assert_eq!(offline["payload"]["code"], "user_offline", "{offline}");
+
+    // One of bob's connections leaving is not bob leaving; the last one is.
+    bob2.send(json!({"type": "leave", "payload": {"room": "team"}}));
+    assert_eq!(recv_kinds(&mut bob2, &["left"])["payload"]["room"], "team");
+    bob.send(json!({"type": "leave", "payload": {"room": "team"}}));
+    assert_eq!(recv_kinds(&mut bob, &["left"])["payload"]["room"], "team");
+    // bob was typing: the end of it comes first, then user_left (once).
+    let stopped = recv_kinds(&mut alice, &["typing", "user_left"]);
+    assert_eq!(stopped["type"], "typing", "{stopped}");
+    assert_eq!(stopped["payload"]["is_typing"], false);
+    let left = recv_kinds(&mut alice, &["user_left", "user_joined"]);
+    assert_eq!(left["type"], "user_left");
+    assert_eq!(left["payload"]["user"]["id"], "bob");
+    assert_eq!(left["payload"]["count"], 1);
+}
+
+#[test]
+fn the_api_reaches_the_whole_cluster() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis, &[]), node(&redis, &[]));
+    let mut alice = a.connect("alice");
+    let mut bob = b.connect("bob");
+    let mut bob2 = b.connect("bob");
+    alice.join("ops");
+    bob.join("ops");
+    bob2.join("ops");
+
+    let (status, answer) = publish(a.addr, json!({"room": "ops", "content": "deploy"}));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer, json!({"delivered": 3, "seq": 1}));
+    for client in [&mut alice, &mut bob, &mut bob2] {
+        let message = recv_kinds(client, &["message"]);
+        assert_eq!(message["payload"]["user"]["id"], "server");
+        assert_eq!(message["payload"]["seq"], 1);
+    }
+    // A room without members anywhere still takes a seq.
+    let (_, answer) = publish(b.addr, json!({"room": "empty", "content": 1}));
+    assert_eq!(answer, json!({"delivered": 0, "seq": 1}));
+
+    let (_, answer) = publish(a.addr, json!({"user": "bob", "content": "hi"}));
+    assert_eq!(answer, json!({"delivered": 2}));
+    assert_eq!(
+        recv_kinds(&mut bob, &["direct"])["payload"]["from"]["id"],
+        "server"
+    );
+
+    // Disconnect on node A closes bob's connections on node B.
+    let (status, body) = http(a.addr, "POST", "/api/disconnect", r#"{"user":"bob"}"#);
+    assert_eq!((status, body.as_str()), (200, r#"{"closed":2}"#));
+    assert_eq!(bob.expect_close().0, 4003);
+    assert_eq!(bob2.expect_close().0, 4003);
+    let left = recv_kinds(&mut alice, &["user_left"]);
+    assert_eq!(left["payload"]["count"], 1);
+
+    // Bad bodies are still 400 without asking Redis.
+    let (status, _) = http(
+        a.addr,
+        "POST",
+        "/api/publish",
+        r#"{"room":"bad room!","content":1}"#,
+    );
+    assert_eq!(status, 400);
+    let (status, body) = http(a.addr, "GET", "/metrics", "");
+    assert_eq!(status, 200);
+    assert!(body.contains("roomcast_redis_up 1"), "{body}");
+}
+
+#[test]
+fn a_killed_node_leaves_presence_within_seconds() {
+    let redis = Redis::start();
+    let a = node(&redis, &[]);
+    let mut b = node(&redis, &[]);
+    let mut alice = a.connect("alice");
+    alice.join("room");
+    let mut bob = b.connect("bob");
+    bob.join("room");
+    recv_kinds(&mut alice, &["user_joined"]);
+
+    b.kill();
+    // Bob's node no longer refreshes its liveness key: within its TTL (3 s)
+    // bob stops counting, and nobody is told he left.
+    let mut last = Value::Null;
+    eventually("bob gone from presence", || {
+        last = alice.request(json!({"type": "presence", "payload": {"room": "room"}}));
+        assert_eq!(last["type"], "presence", "{last}");
+        last["payload"]["users"].as_array().unwrap().len() == 1
+    });
+    assert_eq!(last["payload"]["users"][0]["id"], "alice");
+    let mut carol = a.connect("carol");
+    assert_eq!(carol.join("room")["payload"]["count"], 2);
+    let (_, answer) = publish(a.addr, json!({"room": "room", "content": 1}));
+    assert_eq!(answer["delivered"], 2);
+    alice.send(json!({"type": "direct", "id": "d", "payload": {"to": "bob", "content": 1}}));
+    assert_eq!(
+        recv_kinds(&mut alice, &["ack", "error"])["payload"]["code"],
+        "user_offline"
+    );
+}
+
+#[test]
+fn a_node_shut_down_gracefully_says_goodbye() {
+    let redis = Redis::start();
+    let a = node(&redis, &[]);
+    let b = node(&redis, &["--drain-ms", "0"]);
+    let mut alice = a.connect("alice");
+    alice.join("room");
+    let mut bob = b.connect("bob");
+    bob.join("room");
+    recv_kinds(&mut alice, &["user_joined"]);
+
+    assert!(b.terminate().success());
+    assert_eq!(bob.expect_close().0, 1001);
+    // Its clients were closed: the others are told they left, and the node
+    // took itself out of presence at once.
+    let left = recv_kinds(&mut alice, &["user_left"]);
+    assert_eq!(left["payload"]["user"]["id"], "bob");
+    assert_eq!(left["payload"]["count"], 1);
+    let presence = alice.request(json!({"type": "presence", "payload": {"room": "room"}}));
+    assert_eq!(presence["payload"]["users"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn a_redis_outage_is_survived_without_restarting_nodes() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let (a, b) = (node(&redis, &[]), node(&redis, &[]));
+    let mut alice = a.connect("alice");
+    let mut bob = b.connect("bob");
+    let old_epoch = alice.join("live")["payload"]["epoch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    bob.join("live");
+    send(&mut alice, "live", json!("before"), Some("m1"));
+    assert_eq!(ack_and_echo(&mut alice), (1, 1));
+    assert_eq!(
+        recv_kinds(&mut bob, &["message"])["payload"]["content"],
+        "before"
+    );
+
+    // Traffic through the API on both nodes for the whole test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let traffic = {
+        let (stop, ok, refused) = (stop.clone(), ok.clone(), refused.clone());
+        let addrs = [a.addr, b.addr];
+        std::thread::spawn(move || {
+            for n in 0..20_000u64 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let addr = addrs[(n % 2) as usize];
+                match publish(addr, json!({"room": "traffic", "content": n})).0 {
+                    200 => ok.fetch_add(1, Ordering::Relaxed),
+                    503 => refused.fetch_add(1, Ordering::Relaxed),
+                    other => panic!("unexpected status {other}"),
+                };
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    eventually("some traffic", || ok.load(Ordering::Relaxed) > 5);
+
+    redis.kill();
+    for server in [&a, &b] {
+        eventually("/health 503", || {
+            http(server.addr, "GET", "/health", "").0 == 503
+        });
+        let (_, metrics) = http(server.addr, "GET", "/metrics", "");
+        assert!(metrics.contains("roomcast_redis_up 0"), "{metrics}");
+        let (_, stats) = http(server.addr, "GET", "/api/stats", "");
+        let stats: Value = serde_json::from_str(&stats).unwrap();
+        assert_eq!(stats["redis_up"], 0);
+    }
+    // Open connections stay; cluster requests are refused, local ones work.
+    send(&mut alice, "live", json!("during"), Some("m2"));
+    let refused_message = recv_kinds(&mut alice, &["ack", "error"]);
+    assert_eq!(refused_message["payload"]["code"], "unavailable");
+    assert_eq!(refused_message["id"], "m2");
+    for request in [
+        json!({"type": "join", "id": 1, "payload": {"room": "other"}}),
+        json!({"type": "presence", "id": 2, "payload": {"room": "live"}}),
+        json!({"type": "direct", "id": 3, "payload": {"to": "bob", "content": 1}}),
+    ] {
+        let answer = alice.request(request.clone());
+        assert_eq!(
+            answer["payload"]["code"], "unavailable",
+            "{request} → {answer}"
+        );
+    }
+    bob.send(json!({"type": "typing", "payload": {"room": "live", "is_typing": true}}));
+    bob.assert_alive();
+    let (status, body) = http(
+        a.addr,
+        "POST",
+        "/api/publish",
+        r#"{"room":"live","content":1}"#,
+    );
+    assert_eq!((status, body.as_str()), (503, r#"{"error":"unavailable"}"#));
+    let (status, body) = http(b.addr, "POST", "/api/disconnect", r#"{"user":"alice"}"#);
+    assert_eq!((status, body.as_str()), (503, r#"{"error":"unavailable"}"#));
+    let mut dave = a.connect("dave");
+    dave.assert_alive();
+    assert_eq!(
+        dave.request(json!({"type": "join", "payload": {"room": "live"}}))["payload"]["code"],
+        "unavailable"
+    );
+    drop(dave);
+
+    // Redis comes back empty: the nodes reconnect and resubscribe by themselves.
+    let _redis = Redis::start_on(port);
+    for server in [&a, &b] {
+        eventually("/health 200 again", || {
+            http(server.addr, "GET", "/health", "").0 == 200
+        });
+    }
+    // The room starts a new epoch; its members are told so with a `joined`.
+    for client in [&mut alice, &mut bob] {
+        let rejoined = recv_kinds(client, &["joined"]);
+        assert_eq!(rejoined["payload"]["room"], "live");
+        assert_ne!(rejoined["payload"]["epoch"], old_epoch.as_str());
+        assert_eq!(rejoined["payload"]["seq"], 0);
+        // The count is the one the node saw when it registered again.
+        assert!(rejoined["payload"]["count"].as_u64().unwrap() >= 1);
+    }
+    send(&mut alice, "live", json!("after"), Some("m3"));
+    assert_eq!(ack_and_echo(&mut alice), (1, 1));
+    let message = recv_kinds(&mut bob, &["message"]);
+    assert_eq!(message["payload"]["content"], "after");
+    assert_eq!(message["payload"]["seq"], 1);
+    let presence = bob.request(json!({"type": "presence", "payload": {"room": "live"}}));
+    assert_eq!(
+        presence["payload"]["users"].as_array().unwrap().len(),
+        2,
+        "{presence}"
+    );
+
+    let before = ok.load(Ordering::Relaxed);
+    eventually("traffic flows again", || {
+        ok.load(Ordering::Relaxed) > before + 5
+    });
+    stop.store(true, Ordering::Relaxed);
+    traffic.join().unwrap();
+    assert!(
+        refused.load(Ordering::Relaxed) > 0,
+        "publishes were refused during the outage"
+    );
+}
+
+#[test]
+fn a_node_starts_without_redis_and_joins_when_it_appears() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let server = TestServer::start(&["--redis", &url, "--api-key", API_KEY]);
+    assert_eq!(http(server.addr, "GET", "/health", "").0, 503);
+    let mut alice = server.connect("alice");
+    let refused = alice.request(json!({"type": "join", "payload": {"room": "r"}}));
+    assert_eq!(refused["payload"]["code"], "unavailable");
+    let _redis = Redis::start_on(port);
+    eventually("/health 200", || {
+        http(server.addr, "GET", "/health", "").0 == 200
+    });
+    assert_eq!(alice.join("r")["payload"]["count"], 1);
+}

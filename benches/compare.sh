@@ -4,20 +4,24 @@
 # prints per server the median of the headline figures and the ratio to roomcast.
 #
 #   benches/compare.sh WORKLOAD [harness flags…] [--reps N] [--servers a,b,…] [--port-base P] [--no-build]
+#                      [--out FILE.jsonl] [--max-other PCT [--retries N]]
 #   benches/compare.sh fanout --rooms 1 --members 100 --rate 0 --size 128 --duration 5 --reps 3
 #
 # Servers: roomcast (target/release, --rate-limit 0) and the peers in
 # ../shared/peers (tokio-tungstenite, node-ws, fastapi), copied once to
 # target/peers/<name> and run from there, so their builds, venvs and
 # node_modules land under our target/. Raw JSON lines go to
-# target/bench-results/<timestamp>.jsonl. Only processes this script started
-# are stopped, by the process group it created for each.
+# target/bench-results/<timestamp>.jsonl (or --out). With --max-other PCT a run
+# during which other processes took more than PCT% of a core is set aside in
+# FILE.jsonl.noisy and repeated, at most --retries times (default 2; the last
+# attempt is kept). Only processes this script started are stopped, by the
+# process group it created for each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 shared_peers="$root/../shared/peers"
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [[ $# -ge 1 ]] || usage
 case "$1" in -h|--help) usage ;; esac
 workload=$1
@@ -27,6 +31,9 @@ reps=3
 servers="roomcast,tokio-tungstenite,node-ws,fastapi"
 port_base=9500
 build=1
+out=""
+max_other=""
+retries=2
 args=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -37,6 +44,12 @@ while [[ $# -gt 0 ]]; do
         --port-base) port_base=$2; shift 2 ;;
         --port-base=*) port_base=${1#*=}; shift ;;
         --no-build) build=0; shift ;;
+        --out) out=$2; shift 2 ;;
+        --out=*) out=${1#*=}; shift ;;
+        --max-other) max_other=$2; shift 2 ;;
+        --max-other=*) max_other=${1#*=}; shift ;;
+        --retries) retries=$2; shift 2 ;;
+        --retries=*) retries=${1#*=}; shift ;;
         --url|--url=*|--server-pid|--server-pid=*|--secret|--secret=*)
             echo "compare.sh sets --url, --secret and --server-pid itself" >&2; exit 2 ;;
         *) args+=("$1"); shift ;;
@@ -51,7 +64,13 @@ results="$root/target/bench-results"
 logs="$results/logs"
 mkdir -p "$results" "$logs"
 stamp=$(date +%Y%m%d-%H%M%S)
-out="$results/$stamp.jsonl"
+if [[ -z $out ]]; then
+    out="$results/$stamp.jsonl"
+else
+    mkdir -p "$(dirname "$out")"
+    out=$(cd "$(dirname "$out")" && pwd)/$(basename "$out")
+fi
+noisy="$out.noisy"
 
 bench="$root/target/release/roomcast-bench"
 server_bin="$root/target/release/roomcast"
@@ -182,6 +201,48 @@ done
 
 # ---- the runs, interleaved ----------------------------------------------------------
 echo "== $workload ${args[*]}  (reps $reps; servers ${server_list[*]}; raw: $out)" >&2
+# run_once NAME REP ATTEMPT -> sets LINE (the JSON line, server_name and rep added)
+run_once() {
+    local name=$1 rep=$2 attempt=$3 port log pid
+    port=$(free_port "$port_base")
+    log="$logs/$stamp-$name-$rep.log"
+    [[ $attempt -gt 1 ]] && log="$logs/$stamp-$name-$rep-try$attempt.log"
+    start_server "$name" "$port" "$log"
+    pid=$SERVER_PID
+    if ! wait_ready "$pid" "$port" 120; then
+        echo "!! rep $rep $name: server did not start (log $log)" >&2
+        stop_server "$pid"
+        LINE=$(printf '{"workload":"%s","ok":false,"error":"server did not start","server_name":"%s","rep":%d}' \
+            "$workload" "$name" "$rep")
+        return 0
+    fi
+    sleep 0.3
+    set +e
+    LINE=$("$bench" "$workload" --url "ws://127.0.0.1:$port" --secret "$secret" --server-pid "$pid" \
+        --json-only "${args[@]}" 2>>"$log" | grep '^{' | tail -1)
+    set -e
+    stop_server "$pid"
+    if [[ -z $LINE ]]; then
+        LINE=$(printf '{"workload":"%s","ok":false,"error":"harness printed no JSON line"}' "$workload")
+    fi
+    LINE=$(NAME="$name" REP="$rep" ATTEMPT="$attempt" python3 -c '
+import json, os, sys
+d = json.loads(sys.stdin.read())
+d["server_name"] = os.environ["NAME"]
+d["rep"] = int(os.environ["REP"])
+if os.environ["ATTEMPT"] != "1":
+    d["attempt"] = int(os.environ["ATTEMPT"])
+print(json.dumps(d, separators=(",", ":")))' <<<"$LINE")
+}
+
+# other_pct LINE -> other processes' CPU during the window (% of a core), 0 if unknown
+other_pct() {
+    python3 -c '
+import json, sys
+d = json.loads(sys.stdin.read())
+print(int(round(d.get("client", {}).get("other_cpu_pct") or 0)))' <<<"$1"
+}
+
 for ((rep = 1; rep <= reps; rep++)); do
     for name in "${server_list[@]}"; do
         why=$(skip_reason "$name")
@@ -189,32 +250,21 @@ for ((rep = 1; rep <= reps; rep++)); do
             echo "-- rep $rep $name: skipped ($why)" >&2
             continue
         fi
-        port=$(free_port "$port_base")
-        log="$logs/$stamp-$name-$rep.log"
-        start_server "$name" "$port" "$log"
-        pid=$SERVER_PID
-        if ! wait_ready "$pid" "$port" 120; then
-            echo "!! rep $rep $name: server did not start (log $log)" >&2
-            stop_server "$pid"
-            printf '{"workload":"%s","ok":false,"error":"server did not start","server_name":"%s","rep":%d}\n' \
-                "$workload" "$name" "$rep" >>"$out"
-            continue
-        fi
-        sleep 0.3
-        set +e
-        line=$("$bench" "$workload" --url "ws://127.0.0.1:$port" --secret "$secret" --server-pid "$pid" \
-            --json-only "${args[@]}" 2>>"$log" | grep '^{' | tail -1)
-        set -e
-        stop_server "$pid"
-        if [[ -z $line ]]; then
-            line=$(printf '{"workload":"%s","ok":false,"error":"harness printed no JSON line"}' "$workload")
-        fi
-        line=$(NAME="$name" REP="$rep" python3 -c '
-import json, os, sys
-d = json.loads(sys.stdin.read())
-d["server_name"] = os.environ["NAME"]
-d["rep"] = int(os.environ["REP"])
-print(json.dumps(d, separators=(",", ":")))' <<<"$line")
+        attempt=1
+        while :; do
+            run_once "$name" "$rep" "$attempt"
+            [[ -n $max_other ]] || break
+            other=$(other_pct "$LINE")
+            ((other > max_other)) || break
+            if ((attempt > retries)); then
+                echo "   rep $rep $name: other processes used ≈$other% (> $max_other%) on every attempt; keeping the last" >&2
+                break
+            fi
+            echo "   rep $rep $name: other processes used ≈$other% (> $max_other%): set aside in $(basename "$noisy"), repeating" >&2
+            echo "$LINE" >>"$noisy"
+            attempt=$((attempt + 1))
+        done
+        line=$LINE
         echo "$line" >>"$out"
         NAME="$name" REP="$rep" python3 -c '
 import json, os, sys

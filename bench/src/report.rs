@@ -122,6 +122,7 @@ impl Report {
         let p99 = format!("{key}_p99_us");
         self.figures.put(&p50, q(0.50));
         self.figures.put(&p99, q(0.99));
+        self.figures.put(&format!("{key}_cdf"), cdf(h));
         if headline {
             self.key.push(p50);
             self.key.push(p99);
@@ -229,6 +230,30 @@ impl Report {
     }
 }
 
+/// Percentiles at which `<key>_cdf` samples a latency histogram: dense in the
+/// body, then every "nine" of the tail up to p99.99.
+pub const CDF_PERCENTILES: [f64; 40] = [
+    1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0, 45.0, 50.0, 55.0, 60.0, 65.0, 70.0,
+    75.0, 80.0, 85.0, 90.0, 92.0, 94.0, 95.0, 96.0, 97.0, 98.0, 98.5, 99.0, 99.2, 99.4, 99.5, 99.6,
+    99.7, 99.8, 99.9, 99.92, 99.95, 99.97, 99.98, 99.99,
+];
+
+/// The latency CDF as `[[percentile, µs], …]` at [`CDF_PERCENTILES`]
+/// (value at or below which that share of the samples fall).
+pub fn cdf(h: &Histogram<u64>) -> Value {
+    Value::Array(
+        CDF_PERCENTILES
+            .iter()
+            .map(|&p| {
+                Value::Array(vec![
+                    Value::from(p),
+                    Value::from(h.value_at_quantile(p / 100.0)),
+                ])
+            })
+            .collect(),
+    )
+}
+
 /// Microseconds for people: `850µs`, `12.3ms`, `1.20s`.
 pub fn us(v: u64) -> String {
     if v < 1000 {
@@ -292,8 +317,30 @@ mod tests {
         let v: Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["figures"]["latency"]["p50"], 100);
         assert_eq!(v["figures"]["latency_p99_us"], 100);
+        let cdf = v["figures"]["latency_cdf"].as_array().unwrap();
+        assert_eq!(cdf.len(), CDF_PERCENTILES.len());
+        assert_eq!(cdf[0][0], 1.0);
+        assert_eq!(cdf[cdf.len() - 1][0], 99.99);
+        assert_eq!(cdf[0][1], 100);
         assert_eq!(v["key"][0], "published_per_s");
         assert!(r.table().contains("published/s"));
         assert_eq!(int(1234567), "1,234,567");
+    }
+
+    #[test]
+    fn cdf_is_monotonic_over_a_spread() {
+        let mut h = crate::common::histogram();
+        for v in 1..=100_000u64 {
+            h.record(v).unwrap();
+        }
+        let cdf = cdf(&h);
+        let pts = cdf.as_array().unwrap();
+        let vals: Vec<u64> = pts.iter().map(|p| p[1].as_u64().unwrap()).collect();
+        assert!(vals.windows(2).all(|w| w[0] <= w[1]));
+        // p50 of 1..=100000 within the histogram's 3 significant digits
+        let p50 = pts.iter().find(|p| p[0] == 50.0).unwrap()[1]
+            .as_u64()
+            .unwrap();
+        assert!((49_900..=50_100).contains(&p50), "{p50}");
     }
 }

@@ -184,7 +184,7 @@ def fmt_num(v):
     a = abs(v)
     if a >= 1e6:
         s = f"{v / 1e6:.3g}M"
-    elif a >= 1e4:
+    elif a >= 1e4 or (a >= 1000 and v % 1000 == 0):
         s = f"{v / 1e3:.3g}k"
     elif a >= 1000:
         s = f"{v:,.0f}"

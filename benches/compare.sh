@@ -290,13 +290,15 @@ for r in runs:
     for k in r.get("key", []):
         if k not in keys:
             keys.append(k)
-extra = ["server_cpu_pct", "client_cpu_pct"]
+extra = ["server_kernel_us_per_delivery", "client_cpu_us_per_delivery", "client_kernel_us_per_delivery", "server_cpu_pct", "client_cpu_pct"]
 rows = keys + [k for k in extra if k not in keys]
 
 def median(server, key):
     vals = [r["figures"][key] for r in runs
             if r.get("server_name") == server and r.get("ok") and isinstance(r.get("figures", {}).get(key), (int, float))]
     return statistics.median(vals) if vals else None
+
+rows = [k for k in rows if k in keys or any(median(s, k) is not None for s in servers)]
 
 def fmt(m):
     if abs(m) >= 1000:

@@ -113,8 +113,16 @@ impl OutboundQueue {
         let mut total = 0;
         while !self.is_empty() {
             match self.write_once(writer) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(written) => total += written,
+                Ok((0, _)) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok((written, offered)) => {
+                    total += written;
+                    if written < offered {
+                        // The socket's send buffer is full; its next writable
+                        // edge says when to go on. Trying now would only
+                        // return `WouldBlock`.
+                        break;
+                    }
+                }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(error) => return Err(error),
@@ -123,8 +131,10 @@ impl OutboundQueue {
         Ok(total)
     }
 
-    /// One `writev` of up to `MAX_CHUNKS_PER_WRITE` chunks.
-    fn write_once(&mut self, writer: &mut impl Write) -> io::Result<usize> {
+    /// One `writev` of up to `MAX_CHUNKS_PER_WRITE` chunks (a plain `send`
+    /// when there is one: the socket call skips the VFS layer `writev` goes
+    /// through). Returns the bytes written and the bytes offered.
+    fn write_once(&mut self, writer: &mut impl Write) -> io::Result<(usize, usize)> {
         let mut slices = [IoSlice::new(&[]); MAX_CHUNKS_PER_WRITE];
         let mut count = 0;
         for (index, chunk) in self.chunks.iter().take(MAX_CHUNKS_PER_WRITE).enumerate() {
@@ -138,9 +148,14 @@ impl OutboundQueue {
                 count = index + 1;
             }
         }
-        let written = writer.write_vectored(slices.get(..count).unwrap_or_default())?;
+        let slices = slices.get(..count).unwrap_or_default();
+        let offered = slices.iter().map(|slice| slice.len()).sum();
+        let written = match slices {
+            [only] => writer.write(only)?,
+            _ => writer.write_vectored(slices)?,
+        };
         self.consume(written);
-        Ok(written)
+        Ok((written, offered))
     }
 
     /// Drops `written` bytes from the front.
@@ -209,10 +224,13 @@ mod tests {
         taken: Vec<u8>,
         budget: usize,
         calls: usize,
+        /// Calls that came through `write` (one chunk) rather than `write_vectored`.
+        plain_calls: usize,
     }
 
     impl Write for Throttled {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.plain_calls += 1;
             self.write_vectored(&[IoSlice::new(buf)])
         }
         fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
@@ -248,14 +266,20 @@ mod tests {
             taken: Vec::new(),
             budget: 3,
             calls: 0,
+            plain_calls: 0,
         };
         assert_eq!(queue.write_to(&mut writer).unwrap(), 3);
         assert_eq!(queue.len(), 8);
         assert_eq!(queue.to_vec(), b"lo world");
+        assert_eq!(
+            writer.calls, 1,
+            "a short write is not retried until writable"
+        );
         writer.budget = 100;
         assert_eq!(queue.write_to(&mut writer).unwrap(), 8);
         assert_eq!(writer.taken, b"hello world");
         assert!(queue.is_empty());
+        assert_eq!(writer.calls, 2);
     }
 
     #[test]
@@ -268,10 +292,27 @@ mod tests {
             taken: Vec::new(),
             budget: usize::MAX,
             calls: 0,
+            plain_calls: 0,
         };
         queue.write_to(&mut writer).unwrap();
         assert_eq!(writer.taken.len(), 1000);
         assert_eq!(writer.calls, 2, "64 chunks per writev");
+        assert_eq!(writer.plain_calls, 0);
+    }
+
+    #[test]
+    fn a_lone_chunk_goes_out_with_a_plain_write() {
+        let mut queue = OutboundQueue::new();
+        queue.push(Bytes::from_static(b"frame"));
+        let mut writer = Throttled {
+            taken: Vec::new(),
+            budget: usize::MAX,
+            calls: 0,
+            plain_calls: 0,
+        };
+        assert_eq!(queue.write_to(&mut writer).unwrap(), 5);
+        assert_eq!((writer.calls, writer.plain_calls), (1, 1));
+        assert!(queue.is_empty());
     }
 
     #[test]
@@ -307,6 +348,7 @@ mod tests {
             taken: Vec::new(),
             budget: 4,
             calls: 0,
+            plain_calls: 0,
         };
         queue.write_to(&mut writer).unwrap();
         queue.clear();
@@ -328,6 +370,7 @@ mod tests {
             taken: Vec::new(),
             budget: usize::MAX,
             calls: 0,
+            plain_calls: 0,
         };
         queue.write_to(&mut writer).unwrap();
         assert!(queue.chunks.capacity() <= RETAINED_CHUNK_CAPACITY);

@@ -1,7 +1,8 @@
 //! The I/O shell: the only module that touches sockets, the clock and signals.
 //!
 //! One `mio::Poll` drives everything. Sockets are registered once,
-//! edge-triggered, for both readiness kinds; reads go until `WouldBlock`; a
+//! edge-triggered, for both readiness kinds; reads go until `WouldBlock` or a
+//! short read (the receive queue was empty: new data raises a new edge); a
 //! connection with queued bytes is written once at the end of each event
 //! batch, as much as the socket takes. The decisions are made elsewhere:
 //! [`handshake`](crate::handshake) answers request heads, tungstenite parses
@@ -136,6 +137,13 @@ struct SharedInput {
     buffer: Box<[u8]>,
     start: usize,
     end: usize,
+    /// The last `read` came back short: the socket's receive queue was
+    /// empty then, and anything arriving later raises a new readiness edge,
+    /// so asking again would only cost a syscall that says `WouldBlock`.
+    socket_drained: bool,
+    /// Whether a short read may be trusted that way. Not when the event also
+    /// said the peer hung up: no later edge would report the end of stream.
+    trust_short_reads: bool,
 }
 
 impl SharedInput {
@@ -144,13 +152,18 @@ impl SharedInput {
             buffer: vec![0; SHARED_INPUT_SIZE].into_boxed_slice(),
             start: 0,
             end: 0,
+            socket_drained: false,
+            trust_short_reads: false,
         }
     }
 
-    /// Forgets what a previous connection left (it was closing).
-    fn reset(&mut self) {
+    /// Starts on another connection's socket; forgets what a previous one
+    /// left (it was closing).
+    fn reset(&mut self, trust_short_reads: bool) {
         self.start = 0;
         self.end = 0;
+        self.socket_drained = false;
+        self.trust_short_reads = trust_short_reads;
     }
 }
 
@@ -169,9 +182,16 @@ impl Read for QueueStream<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let input = &mut *self.input;
         if input.start >= input.end {
-            input.reset();
+            if input.socket_drained {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            input.start = 0;
+            input.end = 0;
             let read = self.socket.read(&mut input.buffer)?;
             input.end = read;
+            // The same rule as nginx's `ready = 0` and tokio's readiness
+            // clearing after a short read: one syscall fewer per message.
+            input.socket_drained = input.trust_short_reads && read > 0 && read < input.buffer.len();
         }
         let available = input.buffer.get(input.start..input.end).unwrap_or_default();
         let count = available.len().min(buf.len());
@@ -397,7 +417,8 @@ impl Server {
                     BRIDGE => self.drain_bridge(now),
                     Token(key) => {
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.on_readable(key, now);
+                            let peer_may_have_closed = event.is_read_closed() || event.is_error();
+                            self.on_readable(key, !peer_may_have_closed, now);
                         }
                         if event.is_writable() {
                             self.flush_connection(key, now);
@@ -532,7 +553,8 @@ impl Server {
         }
     }
 
-    fn on_readable(&mut self, key: usize, now: Millis) {
+    /// `trust_short_reads`: see [`SharedInput::trust_short_reads`].
+    fn on_readable(&mut self, key: usize, trust_short_reads: bool, now: Millis) {
         let Some(connection) = self.connections.get(key) else {
             return;
         };
@@ -541,7 +563,7 @@ impl Server {
         }
         match connection.phase {
             Phase::Http { .. } => self.read_http(key, now),
-            Phase::WebSocket { .. } => self.read_websocket(key, now),
+            Phase::WebSocket { .. } => self.read_websocket(key, trust_short_reads, now),
             Phase::Lingering => self.read_discard(key),
         }
     }
@@ -731,7 +753,7 @@ impl Server {
                 }
                 // Frames that came with the head are already buffered: parse them now,
                 // no further readiness edge will announce them.
-                self.read_websocket(key, now);
+                self.read_websocket(key, false, now);
                 false
             }
         }
@@ -994,8 +1016,8 @@ impl Server {
     }
 
     /// Reads frames until the socket would block, handing each message on.
-    fn read_websocket(&mut self, key: usize, now: Millis) {
-        self.input.reset();
+    fn read_websocket(&mut self, key: usize, trust_short_reads: bool, now: Millis) {
+        self.input.reset(trust_short_reads);
         loop {
             let Some(connection) = self.connections.get_mut(key) else {
                 return;

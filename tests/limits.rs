@@ -1065,6 +1065,68 @@ fn peer_vanishing_mid_frame_leaves_the_room() {
     server.connect("newcomer").assert_alive();
 }
 
+/// The loop trusts a short read to mean "drained" and waits for the next
+/// readiness edge instead of reading again: a frame whose halves arrive in
+/// separate reads must still be parsed once the second half comes.
+#[test]
+fn a_frame_split_across_reads_is_parsed_when_its_rest_arrives() {
+    let server = TestServer::start(&[]);
+    let mut observer = server.connect("observer");
+    observer.join("r");
+    let mut splitter = RawWs::open(server.addr, &format!("/ws/r?token={}", token("splitter")));
+    assert_eq!(splitter.json()["type"], "welcome");
+    assert_eq!(splitter.json()["type"], "joined");
+    recv_about(&mut observer, "user_joined", "splitter");
+
+    for round in 0..20 {
+        let text = json!({"type": "message", "payload": {"room": "r", "content": round}});
+        let frame = client_frame(0x81, text.to_string().as_bytes(), true);
+        let cut = 1 + round % (frame.len() - 1);
+        splitter.send(&frame[..cut]);
+        // A round trip of another connection through the loop: by its end the
+        // loop has most likely read the first part on its own.
+        presence_ids(&mut observer, "r");
+        splitter.send(&frame[cut..]);
+        let delivered = observer.recv_type("message");
+        assert_eq!(delivered["payload"]["content"], round, "{delivered}");
+        assert_eq!(splitter.json()["payload"]["content"], round);
+    }
+}
+
+/// A message and the end of the stream in one burst: the message is
+/// delivered and the end is noticed (a short read is not trusted when the
+/// event also reports the hang-up).
+#[test]
+fn a_message_followed_by_a_hang_up_is_delivered_and_the_peer_leaves() {
+    let server = TestServer::start(&[]);
+    let mut observer = server.connect("observer");
+    observer.join("r");
+    for n in 0..10 {
+        let name = format!("leaver-{n}");
+        let mut leaver = RawWs::open(server.addr, &format!("/ws/r?token={}", token(&name)));
+        assert_eq!(leaver.json()["type"], "welcome");
+        assert_eq!(leaver.json()["type"], "joined");
+        recv_about(&mut observer, "user_joined", &name);
+
+        let text = json!({"type": "message", "payload": {"room": "r", "content": n}});
+        // Corked, the message waits and leaves with the FIN in one segment:
+        // the server sees both in one readiness event.
+        SockRef::from(&leaver.stream)
+            .set_tcp_cork(true)
+            .expect("TCP_CORK");
+        leaver.send(&client_frame(0x81, text.to_string().as_bytes(), true));
+        leaver
+            .stream
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+
+        let delivered = observer.recv_type("message");
+        assert_eq!(delivered["payload"]["content"], n);
+        recv_about(&mut observer, "user_left", &name);
+        assert_eq!(presence_ids(&mut observer, "r"), vec!["observer"]);
+    }
+}
+
 #[test]
 fn peer_closing_with_a_full_queue_leaves_the_room() {
     let server = TestServer::start(&["--rate-limit", "0"]);

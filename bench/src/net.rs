@@ -414,7 +414,8 @@ impl Net {
     pub fn resume<H: Handler>(&mut self, id: usize, handler: &mut H, now: u64) {
         if let Some(Some(c)) = self.conns.get_mut(id) {
             c.paused = false;
-            self.service_read(id, handler, now);
+            // No readiness event to go by: read until `WouldBlock`.
+            self.service_read(id, true, handler, now);
         }
     }
 
@@ -510,7 +511,7 @@ impl Net {
             return;
         }
         if readable {
-            self.service_read(id, handler, now);
+            self.service_read(id, hup, handler, now);
         }
     }
 
@@ -575,7 +576,7 @@ impl Net {
         }
     }
 
-    fn service_read<H: Handler>(&mut self, id: usize, handler: &mut H, mut now: u64) {
+    fn service_read<H: Handler>(&mut self, id: usize, hup: bool, handler: &mut H, mut now: u64) {
         loop {
             let Some(Some(conn)) = self.conns.get_mut(id) else {
                 return;
@@ -628,9 +629,10 @@ impl Net {
                     return;
                 }
             }
-            if n < self.scratch.len() {
+            if n < self.scratch.len() && !hup {
                 // A short read drained the socket; epoll (edge-triggered)
-                // reports the next arrival as a new event.
+                // reports the next arrival as a new event. Not when this
+                // event also said the peer hung up: no later one will.
                 return;
             }
         }

@@ -257,6 +257,41 @@ impl FdLog {
 }
 
 /// CPU figures and the saturation warnings common to every workload.
+/// Where the CPU per delivery goes: the kernel's share on both sides, and
+/// the harness's own cost. On loopback the sender's syscall also runs the
+/// receiver's TCP work, so the two kernel figures together are what the
+/// machine spends per delivery whatever the server's code does.
+fn per_delivery_split(r: &mut Report, w: &CpuWindow, delivered: u64, echo: bool) {
+    if delivered == 0 {
+        return;
+    }
+    let per = |us: u64| us as f64 / delivered as f64;
+    let unit = if echo { "round trip" } else { "delivery" };
+    if let Some(kernel) = w.server_kernel_us {
+        let value = per(kernel);
+        r.fig(
+            "server_kernel_us_per_delivery",
+            "  of which in the kernel",
+            round(value, 4),
+            format!("{value:.3}µs"),
+        );
+    }
+    let client = per(w.client_us);
+    r.fig(
+        "client_cpu_us_per_delivery",
+        &format!("harness CPU µs per {unit}"),
+        round(client, 4),
+        format!("{client:.3}µs"),
+    );
+    let client_kernel = per(w.client_kernel_us);
+    r.fig(
+        "client_kernel_us_per_delivery",
+        "  of which in the kernel",
+        round(client_kernel, 4),
+        format!("{client_kernel:.3}µs"),
+    );
+}
+
 fn cpu_figures(r: &mut Report, w: &CpuWindow, threads: usize, section: &str) {
     r.section(section);
     if let (Some(pct), Some(us)) = (w.server_pct, w.server_us) {
@@ -866,6 +901,7 @@ fn run_rooms(
             format!("{per:.3}µs"),
         );
     }
+    per_delivery_split(r, &cpu, delivered, echo);
     server_memory(r, rss_before, rss_at_start, rss_end, &rss);
 
     if slow {

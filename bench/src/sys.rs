@@ -30,6 +30,11 @@ pub fn clock_ticks() -> u64 {
 
 /// utime + stime of a `/proc/.../stat` file, in microseconds.
 pub fn cpu_us_of(stat_path: &str) -> Option<u64> {
+    cpu_split_us_of(stat_path).map(|(user, kernel)| user + kernel)
+}
+
+/// (utime, stime) of a `/proc/.../stat` file, in microseconds.
+pub fn cpu_split_us_of(stat_path: &str) -> Option<(u64, u64)> {
     let text = std::fs::read_to_string(stat_path).ok()?;
     // The command name (field 2) may contain spaces and parentheses: fields
     // are counted after the last ')'.
@@ -38,17 +43,8 @@ pub fn cpu_us_of(stat_path: &str) -> Option<u64> {
     // rest starts at field 3 (state); utime is field 14, stime field 15.
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) * 1_000_000 / clock_ticks())
-}
-
-/// CPU time of a whole process (all its threads), microseconds.
-pub fn process_cpu_us(pid: u32) -> Option<u64> {
-    cpu_us_of(&format!("/proc/{pid}/stat"))
-}
-
-/// CPU time of this process, microseconds.
-pub fn self_cpu_us() -> Option<u64> {
-    cpu_us_of("/proc/self/stat")
+    let ticks = clock_ticks();
+    Some((utime * 1_000_000 / ticks, stime * 1_000_000 / ticks))
 }
 
 /// CPU time of one thread of this process, microseconds.
@@ -163,16 +159,24 @@ pub struct CpuSnap {
     /// Machine-wide (busy, total) jiffies from `/proc/stat`.
     pub machine: (u64, u64),
     pub server_us: Option<u64>,
+    /// The server's CPU time spent in the kernel.
+    pub server_kernel_us: Option<u64>,
     pub client_us: u64,
+    /// This process's CPU time spent in the kernel.
+    pub client_kernel_us: u64,
     pub threads_us: Vec<u64>,
 }
 
 pub fn cpu_snap(server_pid: Option<u32>, tids: &[i32]) -> CpuSnap {
+    let server = server_pid.and_then(|pid| cpu_split_us_of(&format!("/proc/{pid}/stat")));
+    let client = cpu_split_us_of("/proc/self/stat").unwrap_or_default();
     CpuSnap {
         at_ns: now_ns(),
         machine: machine_jiffies(),
-        server_us: server_pid.and_then(process_cpu_us),
-        client_us: self_cpu_us().unwrap_or(0),
+        server_us: server.map(|(user, kernel)| user + kernel),
+        server_kernel_us: server.map(|(_, kernel)| kernel),
+        client_us: client.0 + client.1,
+        client_kernel_us: client.1,
         threads_us: tids
             .iter()
             .map(|&t| thread_cpu_us(t).unwrap_or(0))
@@ -186,7 +190,12 @@ pub struct CpuWindow {
     pub secs: f64,
     pub server_pct: Option<f64>,
     pub server_us: Option<u64>,
+    /// The server's CPU time in the kernel (syscalls, and on loopback the
+    /// receiving side's TCP work, which runs in the sender's syscall).
+    pub server_kernel_us: Option<u64>,
     pub client_pct: f64,
+    pub client_us: u64,
+    pub client_kernel_us: u64,
     pub threads_pct: Vec<f64>,
     /// Busy CPU of the whole machine, % of one core (all cores together).
     pub machine_pct: f64,
@@ -231,7 +240,13 @@ pub fn cpu_window(a: &CpuSnap, b: &CpuSnap) -> CpuWindow {
         secs,
         server_pct: server_us.map(pct),
         server_us,
+        server_kernel_us: match (a.server_kernel_us, b.server_kernel_us) {
+            (Some(x), Some(y)) => Some(y.saturating_sub(x)),
+            _ => None,
+        },
         client_pct: pct(b.client_us.saturating_sub(a.client_us)),
+        client_us: b.client_us.saturating_sub(a.client_us),
+        client_kernel_us: b.client_kernel_us.saturating_sub(a.client_kernel_us),
         threads_pct: a
             .threads_us
             .iter()

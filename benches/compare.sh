@@ -290,7 +290,7 @@ for r in runs:
     for k in r.get("key", []):
         if k not in keys:
             keys.append(k)
-extra = ["server_kernel_us_per_delivery", "client_cpu_us_per_delivery", "client_kernel_us_per_delivery", "server_cpu_pct", "client_cpu_pct"]
+extra = ["spread_p50_us", "spread_p99_us", "server_kernel_us_per_delivery", "client_cpu_us_per_delivery", "client_kernel_us_per_delivery", "server_cpu_pct", "client_cpu_pct"]
 rows = keys + [k for k in extra if k not in keys]
 
 def median(server, key):

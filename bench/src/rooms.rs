@@ -7,6 +7,7 @@
 //! messages in flight across the window's edges are neither lost nor counted
 //! twice (the run drains after the window).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -71,6 +72,9 @@ pub struct StallSample {
 /// What a thread measured; merged by the main thread.
 pub struct Stats {
     pub hist: Histogram<u64>,
+    /// Fixed-rate runs: per message, first member's receipt to the last's
+    /// (members served by this thread), µs.
+    pub spread: Histogram<u64>,
     pub published: u64,
     pub delivered: u64,
     /// healthy members' deliveries of in-window messages, by seq gaps
@@ -131,7 +135,17 @@ struct Worker {
     window: (u64, u64),
     stats: Stats,
     msg: Vec<u8>,
+    /// Fixed-rate runs: healthy members of this thread that receive publisher
+    /// `k`'s messages, by `k` (empty otherwise: the spread is not tracked).
+    receivers_of: HashMap<u64, u32>,
+    /// Messages some but not all of those members have received:
+    /// (k, t) → (first receipt, receipts so far).
+    spreading: HashMap<(u64, u64), (u64, u32)>,
 }
+
+/// Messages whose spread is still open; past this many (deliveries are being
+/// lost), the open ones are forgotten rather than kept without bound.
+const MAX_SPREADING: usize = 100_000;
 
 const NONE: u32 = u32::MAX;
 
@@ -214,6 +228,20 @@ impl Handler for Worker {
                         self.stats
                             .hist
                             .saturating_record(now.saturating_sub(t) / 1000);
+                        if let Some(&expected) = self.receivers_of.get(&k) {
+                            if self.spreading.len() >= MAX_SPREADING {
+                                self.spreading.clear();
+                            }
+                            let open = self.spreading.entry((k, t)).or_insert((now, 0));
+                            open.1 += 1;
+                            if open.1 >= expected {
+                                let first = open.0;
+                                self.spreading.remove(&(k, t));
+                                self.stats
+                                    .spread
+                                    .saturating_record(now.saturating_sub(first) / 1000);
+                            }
+                        }
                     }
                     if self.plan.window_by == WindowBy::Echo
                         && self.plan.rate_per_publisher <= 0.0
@@ -309,6 +337,24 @@ fn build_message(out: &mut Vec<u8>, plan: &Plan, room: &str, k: u32, t: u64, id:
     }
 }
 
+/// For each publisher `k`, how many healthy members of its room this thread
+/// holds; publishers whose room has fewer than two are left out (no spread).
+fn receivers_by_publisher(members: &[MemberSpec]) -> HashMap<u64, u32> {
+    let mut per_room: HashMap<u32, u32> = HashMap::new();
+    for member in members.iter().filter(|m| !m.stalled) {
+        *per_room.entry(member.room).or_default() += 1;
+    }
+    members
+        .iter()
+        .filter_map(|m| {
+            let count = per_room.get(&m.room).copied().unwrap_or(0);
+            m.publisher
+                .filter(|_| count >= 2)
+                .map(|k| (u64::from(k), count))
+        })
+        .collect()
+}
+
 /// Bytes we let pile up in our own write buffer before a publisher waits.
 const MAX_BACKLOG: usize = 4 << 20;
 
@@ -346,6 +392,7 @@ pub fn run(plan: Plan, shared: Arc<Shared>, index: usize) -> Result<Stats, Strin
         window: (u64::MAX, u64::MAX),
         stats: Stats {
             hist: common::histogram(),
+            spread: common::histogram(),
             published: 0,
             delivered: 0,
             gaps: 0,
@@ -361,7 +408,12 @@ pub fn run(plan: Plan, shared: Arc<Shared>, index: usize) -> Result<Stats, Strin
             stalled: Vec::new(),
         },
         msg: Vec::with_capacity(1024),
+        receivers_of: HashMap::new(),
+        spreading: HashMap::new(),
     };
+    if w.plan.rate_per_publisher > 0.0 {
+        w.receivers_of = receivers_by_publisher(&w.plan.members);
+    }
     // Members with a per-turn duty, so the loop never walks every member.
     let publishers: Vec<usize> = (0..w.members.len())
         .filter(|&m| w.members[m].spec.publisher.is_some())

@@ -704,6 +704,7 @@ fn run_rooms(
 
     // Merge.
     let mut hist = crate::common::histogram();
+    let mut spread = crate::common::histogram();
     let (mut published, mut delivered, mut gaps, mut dups) = (0u64, 0u64, 0u64, 0u64);
     let (mut lagged_frames, mut lagged_msgs, mut window_timeouts, mut blocked) = (0, 0, 0, 0);
     let mut behind = 0u64;
@@ -711,6 +712,9 @@ fn run_rooms(
     let mut stalled = Vec::new();
     for s in stats {
         hist.add(&s.hist).map_err(|e| format!("histogram: {e}"))?;
+        spread
+            .add(&s.spread)
+            .map_err(|e| format!("histogram: {e}"))?;
         published += s.published;
         delivered += s.delivered;
         gaps += s.gaps;
@@ -882,6 +886,16 @@ fn run_rooms(
         &hist,
         true,
     );
+    if !spread.is_empty() {
+        // How long one message takes to reach all of a room: the server's
+        // sends to the members one after the other, and the harness's reads.
+        r.latency(
+            "spread",
+            "spread (first → last member, per message)",
+            &spread,
+            false,
+        );
+    }
 
     cpu_figures(r, &cpu, threads, "cpu (measured window)");
     if let Some(us) = cpu.server_us {

@@ -9,7 +9,8 @@
 # Steps (default: all, in this order):
 #   fanout-max      fanout 1 room × 100 members, --rate 0, --in-flight K (64), 128 B
 #   fanout-1000     fanout 1 × 100 at 1,000 msgs/s (latency, CDF)
-#   echo            echo, 100 clients, 1 in flight
+#   echo            echo, 100 clients, 1 in flight; then roomcast's /echo alone (the
+#                   machine's ceiling: framing only)
 #   idle            idle at 1k, 5k, 10k joined connections (all servers) and 19k (roomcast)
 #   slow            roomcast and tokio-tungstenite, 100 members at 2,000 msgs/s,
 #                   with one stalled member and without (the baseline)
@@ -256,6 +257,10 @@ for step in "${step_list[@]}"; do
             ;;
         echo)
             compare echo echo --clients 100 --in-flight 1 --size 64 --duration 5 --warmup 1 --reps "$reps"
+            # The machine's ceiling: roomcast's /echo (framing only, no JSON,
+            # no rooms), where server and harness together fill both cores.
+            compare echo-endpoint echo --endpoint echo --clients 100 --in-flight 1 --size 64 \
+                --duration 5 --warmup 1 --reps "$reps" --servers roomcast
             ;;
         idle)
             for n in 1000 5000 10000; do

@@ -17,7 +17,7 @@
 #   sweep           fanout room-size sweep, --rate 0: 10, 50, 200, 500 members
 #                   (100 comes from fanout-max: same flags)
 #   syscalls        roomcast alone under saturated fanout: strace -c and perf stat
-#                   of write/writev for 5 s; frames per write call
+#                   of write/send/writev for 5 s; frames per write call
 #   profile         roomcast alone under saturated fanout: perf record -e cpu-clock -g, 5 s
 #   plots           benches/plot.py → docs/bench/*.svg
 #
@@ -205,9 +205,9 @@ if tool == "perf":  # perf's own measure of how long it counted
 calls = {}
 for line in text.splitlines():
     f = line.split()
-    if tool == "strace" and len(f) >= 5 and f[-1] in ("write", "writev") and f[3].isdigit():
+    if tool == "strace" and len(f) >= 5 and f[-1] in ("write", "writev", "sendto") and f[3].isdigit():
         calls[f[-1]] = int(f[3])
-    m2 = re.match(r"\s*([\d,]+)\s+syscalls:sys_enter_(writev|write)\b", line)
+    m2 = re.match(r"\s*([\d,]+)\s+syscalls:sys_enter_(writev|write|sendto)\b", line)
     if tool == "perf" and m2:
         calls[m2.group(2)] = int(m2.group(1).replace(",", ""))
 n = sum(calls.values())
@@ -218,7 +218,7 @@ try:
 except Exception:
     whole = ""
 print(f"{tool}: {rate:,.0f} frames/s queued ({frame_bytes:.0f} bytes each) × {secs:.2f} s = {frames:,.0f} frames; "
-      f"write {calls.get('write', 0):,} + writev {calls.get('writev', 0):,} calls; "
+      f"write {calls.get('write', 0):,} + send {calls.get('sendto', 0):,} + writev {calls.get('writev', 0):,} calls; "
       f"frames per write call = {frames / n if n else float('nan'):.1f}{whole}")
 EOF
 }
@@ -283,8 +283,8 @@ for step in "${step_list[@]}"; do
         syscalls)
             wait_quiet syscalls
             echo "== step syscalls: strace -c, perf stat and an strace sample of writev, on roomcast alone" >&2
-            instrumented syscalls-strace timeout -s INT 5 strace -c -f -e trace=write,writev -p @PID@
-            instrumented syscalls-perf perf stat -e syscalls:sys_enter_write,syscalls:sys_enter_writev -p @PID@ -- sleep 5
+            instrumented syscalls-strace timeout -s INT 5 strace -c -f -e trace=write,writev,sendto -p @PID@
+            instrumented syscalls-perf perf stat -e syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_sendto -p @PID@ -- sleep 5
             instrumented syscalls-iov timeout -s INT 1 strace -f -e trace=writev -e verbose=none -s 0 -p @PID@
             {
                 frames_per_write syscalls-strace strace

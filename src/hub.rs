@@ -807,7 +807,17 @@ impl Hub {
 
     /// Queues a `direct` to every connection of user `to`; returns how many.
     fn direct(&mut self, from_json: &str, to: &str, content: &RawValue, now: Millis) -> usize {
-        let Some(targets) = self.users.get(to) else {
+        // Disjoint borrows: the target list is read while sessions are written.
+        let Hub {
+            users,
+            sessions,
+            config,
+            dirty,
+            evicted,
+            metrics,
+            ..
+        } = self;
+        let Some(targets) = users.get(to) else {
             return 0;
         };
         let content = content.get();
@@ -817,10 +827,21 @@ impl Hub {
                 .raw("content", content)
                 .number("ts", now)
                 .finish();
-        let targets = targets.clone();
         let mut delivered = 0;
-        for target in targets {
-            if self.deliver(target, frame.clone(), false) {
+        for &target in targets {
+            let Some(session) = sessions.get_mut(target).and_then(Option::as_mut) else {
+                continue;
+            };
+            if deliver_to(
+                target,
+                session,
+                frame.clone(),
+                false,
+                config.marks,
+                dirty,
+                evicted,
+                metrics,
+            ) {
                 delivered += 1;
             }
         }

@@ -745,6 +745,27 @@ pub fn tcp_state_name(s: u8) -> &'static str {
 mod tests {
     use super::*;
 
+    #[test]
+    fn spread_counts_the_healthy_members_of_each_publishers_room() {
+        let member = |user, room, publisher, stalled| MemberSpec {
+            user,
+            room,
+            publisher,
+            stalled,
+        };
+        let members = [
+            member(0, 0, Some(0), false),
+            member(1, 0, None, false),
+            member(2, 0, None, false),
+            member(3, 0, None, true),
+            // A publisher alone in its room: no spread to measure.
+            member(4, 1, Some(1), false),
+        ];
+        let receivers = receivers_by_publisher(&members);
+        assert_eq!(receivers.get(&0), Some(&3));
+        assert_eq!(receivers.get(&1), None);
+    }
+
     fn plan(echo: bool, size: usize) -> Plan {
         Plan {
             target: crate::net::parse_target("ws://127.0.0.1:1").unwrap(),

@@ -473,6 +473,80 @@ fn a_node_shut_down_gracefully_says_goodbye() {
     assert_eq!(presence["payload"]["users"].as_array().unwrap().len(), 1);
 }
 
+/// The ids of Redis's pub/sub clients (`CLIENT LIST TYPE pubsub`).
+fn subscriber_ids(admin: &mut redis::Connection) -> Vec<u64> {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(admin)
+        .expect("CLIENT LIST");
+    list.lines()
+        .filter_map(|line| line.strip_prefix("id="))
+        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+/// Only the nodes' pub/sub connections drop (`CLIENT KILL TYPE pubsub`):
+/// each node notices, reconnects, subscribes every room it has members in
+/// again, and room traffic crosses nodes in one seq order as before.
+#[test]
+fn a_dropped_pub_sub_connection_is_resubscribed() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis, &[]), node(&redis, &[]));
+    let mut alice = a.connect("alice");
+    let mut bob = b.connect("bob");
+    alice.join("lobby");
+    bob.join("lobby");
+    send(&mut alice, "lobby", json!("before"), Some("m1"));
+    assert_eq!(ack_and_echo(&mut alice), (1, 1));
+    assert_eq!(
+        recv_kinds(&mut bob, &["message"])["payload"]["content"],
+        "before"
+    );
+
+    let mut admin = redis::Client::open(redis.url())
+        .and_then(|client| client.get_connection())
+        .expect("an admin connection to Redis");
+    let before = subscriber_ids(&mut admin);
+    assert_eq!(before.len(), 2, "one subscriber connection per node");
+    let killed: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut admin)
+        .expect("CLIENT KILL");
+    assert_eq!(killed, 2);
+
+    eventually("both nodes reconnect their subscribers", || {
+        let now = subscriber_ids(&mut admin);
+        now.len() == 2 && now.iter().all(|id| !before.contains(id))
+    });
+    eventually("both nodes subscribe to the room again", || {
+        let counts: (String, u64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("rc:ch:lobby")
+            .query(&mut admin)
+            .expect("PUBSUB NUMSUB");
+        counts.1 == 2
+    });
+    for server in [&a, &b] {
+        eventually("/health 200 again", || {
+            http(server.addr, "GET", "/health", "").0 == 200
+        });
+    }
+
+    send(&mut alice, "lobby", json!("after"), Some("m2"));
+    assert_eq!(ack_and_echo(&mut alice), (2, 2));
+    let message = recv_kinds(&mut bob, &["message"]);
+    assert_eq!(message["payload"]["content"], "after");
+    assert_eq!(message["payload"]["seq"], 2);
+    send(&mut bob, "lobby", json!("back"), None);
+    let message = recv_kinds(&mut alice, &["message"]);
+    assert_eq!(message["payload"]["content"], "back");
+    assert_eq!(message["payload"]["seq"], 3);
+}
+
 #[test]
 fn a_redis_outage_is_survived_without_restarting_nodes() {
     let mut redis = Redis::start();

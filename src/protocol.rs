@@ -8,7 +8,6 @@
 //! framed once, and shared by every recipient as the same `Bytes`.
 
 use std::borrow::Cow;
-use std::io::Write;
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -469,6 +468,24 @@ fn truncate(text: &str, max: usize) -> &str {
 /// Room of the header in front of the JSON: the longest server header is 10 bytes.
 const HEADER_ROOM: usize = 10;
 
+/// Appends `value` in decimal. Every message frame carries a seq and a
+/// timestamp: through `core::fmt` they took more time in profiles than the
+/// rest of the frame's assembly.
+fn push_decimal(buffer: &mut Vec<u8>, value: u64) {
+    let mut digits = [0u8; 20]; // u64::MAX has 20 digits
+    let mut start = digits.len();
+    let mut rest = value;
+    while let Some(slot) = start.checked_sub(1).and_then(|at| digits.get_mut(at)) {
+        *slot = b'0' + (rest % 10) as u8;
+        start -= 1;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    buffer.extend_from_slice(digits.get(start..).unwrap_or_default());
+}
+
 /// Writes one server frame: the JSON goes into a buffer that leaves room for
 /// the WebSocket header in front, so the finished frame needs no copy.
 pub struct FrameBuilder {
@@ -520,8 +537,7 @@ impl FrameBuilder {
 
     /// An unsigned integer field.
     pub fn number(mut self, key: &str, value: u64) -> Self {
-        let buffer = self.key(key);
-        let _ = write!(buffer, "{value}");
+        push_decimal(self.key(key), value);
         self
     }
 
@@ -624,6 +640,15 @@ pub fn error_frame(id: Option<&RawValue>, code: ErrorCode, message: &str) -> Byt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimals_match_the_standard_formatting() {
+        for value in [0, 1, 9, 10, 99, 100, 4_294_967_296, u64::MAX - 1, u64::MAX] {
+            let mut buffer = b"x".to_vec();
+            push_decimal(&mut buffer, value);
+            assert_eq!(buffer, format!("x{value}").into_bytes());
+        }
+    }
 
     fn payload_of(frame: &Bytes) -> serde_json::Value {
         let (header_len, len) = match frame[1] {

@@ -100,15 +100,22 @@ pub enum Command {
     /// `user_joined` when the user is new to the room, the join marker, and the
     /// history after `since`.
     Join {
+        /// Comes back in the [`Event::Reply`] that answers this join.
         req: ReqId,
+        /// The name of the room being joined.
         room: String,
         /// The subscription the join needs (it waits until it is in force).
         sub_generation: u64,
+        /// The joining user's id.
         user_id: String,
+        /// The user as JSON, as `user_joined` and `presence` show it.
         user_json: String,
         /// The user's connections in the room on this node, this one included.
         local_count: u32,
+        /// The client's `since`: the last seq it saw. `None`: no replay asked for.
         since: Option<u64>,
+        /// The epoch the client's `since` belongs to; when it is not the
+        /// room's, nothing is replayed. `None`: the client sent none.
         epoch: Option<String>,
         /// Published on the room's channel right after the join took effect.
         marker: String,
@@ -116,41 +123,75 @@ pub enum Command {
     /// A `message` (from a client or `/api/publish`): the frame is
     /// `head` + seq + `tail`.
     Publish {
+        /// Comes back in the [`Event::Reply`] that answers this publish.
         req: ReqId,
+        /// The name of the room the message goes to.
         room: String,
+        /// The frame's JSON up to the value of `seq`, which the script fills in.
         head: String,
+        /// The frame's JSON after the value of `seq` (the timestamp and the
+        /// closing braces).
         tail: String,
     },
     /// The users of a room on every live node.
-    Presence { req: ReqId, room: String },
+    Presence {
+        /// Comes back in the [`Event::Reply`] that answers this request.
+        req: ReqId,
+        /// The name of the room whose users are asked for.
+        room: String,
+    },
     /// A `direct` or a kick: published on the users channel when the user has
     /// a connection on a live node; answered with how many.
     SendUser {
+        /// Comes back in the [`Event::Reply`] that answers this request.
         req: ReqId,
+        /// The id of the user whose connections it is for.
         user_id: String,
+        /// What is published: a [`direct_envelope`] or a [`kick_envelope`].
         envelope: String,
     },
     /// This node's count for a user in a room changed (leave, disconnect);
     /// `user_left` goes out when the user is then gone from every node.
     Member {
+        /// The name of the room.
         room: String,
+        /// The id of the user whose count changed.
         user_id: String,
+        /// The user as JSON: kept for `presence` and shown in `user_left`.
         user_json: String,
+        /// The user's connections in the room on this node now; 0 when none
+        /// are left.
         local_count: u32,
     },
     /// A `typing` frame for the room's members on every node.
-    RoomEvent { room: String, envelope: String },
+    RoomEvent {
+        /// The name of the room whose channel it is published on.
+        room: String,
+        /// What is published: an [`event_envelope`].
+        envelope: String,
+    },
     /// This node's open connections of a user.
-    UserCount { user_id: String, count: u32 },
+    UserCount {
+        /// The user's id.
+        user_id: String,
+        /// The user's open connections on this node; 0 removes this node from
+        /// the user's key.
+        count: u32,
+    },
     /// (Re)register under a new node id with everything this node holds.
     Register {
+        /// Comes back in the [`Event::Reply`] that answers the registration.
         req: ReqId,
+        /// Every room with members on this node, with those members.
         rooms: Vec<RoomMembers>,
+        /// Every user connected to this node: (user id, open connections here).
         users: Vec<(String, u32)>,
     },
     /// Keep the keys of these rooms and users from expiring.
     Refresh {
+        /// Names of the rooms with members on this node.
         rooms: Vec<String>,
+        /// Ids of the users connected to this node.
         users: Vec<String>,
     },
     /// Graceful shutdown: stop counting in presence now.
@@ -160,6 +201,7 @@ pub enum Command {
 /// A room's local members, for registration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomMembers {
+    /// The room's name.
     pub room: String,
     /// (user id, connections here, user JSON).
     pub users: Vec<(String, u32, String)>,
@@ -169,23 +211,38 @@ pub struct RoomMembers {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Subscription {
     /// Subscribe to a room's channel; `generation` grows with every request.
-    Subscribe { room: String, generation: u64 },
+    Subscribe {
+        /// The room's name.
+        room: String,
+        /// Larger than that of every earlier request: a join waits until its
+        /// room is subscribed with the generation it was given, or a later one.
+        generation: u64,
+    },
     /// Unsubscribe from a room's channel.
-    Unsubscribe { room: String },
+    Unsubscribe {
+        /// The room's name.
+        room: String,
+    },
 }
 
 /// What the hub sends out, in the order it decided it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outgoing {
+    /// For the command thread.
     Command(Command),
+    /// For the pub/sub (subscriber) thread.
     Subscription(Subscription),
 }
 
 /// A room's state as a script read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomState {
+    /// Names this life of the room in Redis: a new one when its keys had
+    /// expired or never existed, so seqs of different epochs do not compare.
     pub epoch: String,
+    /// The seq of the room's latest message; 0 before the first one.
     pub seq: u64,
+    /// How many different users are in the room, on every live node.
     pub count: u64,
 }
 
@@ -195,38 +252,71 @@ pub enum Reply {
     /// `Join`: the room's state, how many messages the history holds, and the
     /// history after `since` (texts, oldest first) when it applies.
     Joined {
+        /// The room's state, with the joining user counted.
         state: RoomState,
+        /// How many messages the history holds; the last one has seq `state.seq`.
         history_len: u64,
+        /// The `message` frames after `since`, as text, oldest first; empty
+        /// without `since` or when the client's epoch is not the room's.
         frames: Vec<String>,
     },
     /// `Publish`.
-    Published { seq: u64, delivered: u64 },
+    Published {
+        /// The seq the message was given.
+        seq: u64,
+        /// The connections of the room's members on every live node: how many
+        /// the message goes to.
+        delivered: u64,
+    },
     /// `Presence`: (user id, connections, user JSON), one entry per user and node.
-    Presence { entries: Vec<(String, u64, String)> },
+    Presence {
+        /// (user id, the user's connections on one node, user JSON); a user on
+        /// several nodes has one entry for each.
+        entries: Vec<(String, u64, String)>,
+    },
     /// `SendUser`: the user's connections on live nodes.
-    Sent { connections: u64 },
+    Sent {
+        /// The user's open connections on live nodes; 0 means nothing was published.
+        connections: u64,
+    },
     /// `Register`: each room's state, in the order given.
-    Registered { rooms: Vec<RoomState> },
+    Registered {
+        /// One state for each room of the `Register` command, in the same order.
+        rooms: Vec<RoomState>,
+    },
 }
 
 /// An item on a room's channel, already framed for WebSocket where it is one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RoomItem {
     /// A `message` with its seq.
-    Message { seq: u64, frame: Bytes },
+    Message {
+        /// The message's seq in the room.
+        seq: u64,
+        /// The `message` frame, ready to send.
+        frame: Bytes,
+    },
     /// `typing`, `user_joined`, `user_left`: to every member but those of `except`.
     Event {
+        /// The user whose connections skip it (the one typing or joining);
+        /// `None`: every member gets it.
         except: Option<String>,
+        /// The frame, ready to send.
         frame: Bytes,
     },
     /// One of this node's joins took effect here in the room's stream.
-    Marker { req: ReqId },
+    Marker {
+        /// The join request whose marker this is.
+        req: ReqId,
+    },
 }
 
 /// An item on the users channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UserItem {
+    /// A `direct` frame, ready to send to each of the user's connections.
     Direct(Bytes),
+    /// Close each of the user's connections with 4003 (`/api/disconnect`).
     Kick,
 }
 
@@ -239,15 +329,23 @@ pub enum Event {
     SubscriberLink(bool),
     /// The answer to a request; `Err` when Redis could not be reached or refused it.
     Reply {
+        /// The `req` of the command this answers.
         req: ReqId,
+        /// The answer, or `Err` when there is none.
         result: Result<Reply, ()>,
     },
+    /// Something published on a room's channel.
     Room {
+        /// The room's name, taken from the channel's.
         room: String,
+        /// What was published.
         item: RoomItem,
     },
+    /// Something published on the users channel for one user.
     User {
+        /// The id of the user whose connections on this node it is for.
         user_id: String,
+        /// What was published.
         item: UserItem,
     },
     /// The command thread did its shutdown work.
@@ -540,11 +638,22 @@ return {epoch, seq, redis.call('HLEN', KEYS[4])}
 /// The Lua scripts, loaded once per connection and called by their SHA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Script {
+    /// For [`Command::Join`]: counts the user in, announces `user_joined`,
+    /// publishes the marker and reads the history to replay.
     Join,
+    /// For [`Command::Publish`]: gives the message its seq, keeps it in the
+    /// history and publishes it.
     Publish,
+    /// For [`Command::Member`]: sets this node's count for a user in a room
+    /// and announces `user_left` when the user is gone from every node.
     Member,
+    /// For [`Command::Presence`]: the room's users on live nodes.
     Presence,
+    /// For [`Command::SendUser`]: publishes to a user who is connected to a
+    /// live node.
     SendUser,
+    /// For [`Command::Register`], once per room: counts this node's members
+    /// of the room in under the new node id.
     RegisterRoom,
 }
 

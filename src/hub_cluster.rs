@@ -55,7 +55,9 @@ pub enum ApiAnswer {
 /// Which server API endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ApiKind {
+    /// `POST /api/publish`: a `message` to a room or a `direct` to a user.
     Publish,
+    /// `POST /api/disconnect`: close every connection of a user with 4003.
     Disconnect,
 }
 

@@ -4,6 +4,8 @@
 //! [`protocol`], [`hub`] and [`outbound`] take bytes or events and return bytes
 //! or decisions; [`server`] is the only module that touches sockets.
 
+#![warn(missing_docs)]
+
 pub mod assets;
 pub mod auth;
 pub mod bridge;

@@ -5,7 +5,7 @@
 //! short read (the receive queue was empty: new data raises a new edge); a
 //! connection with queued bytes is written once at the end of each event
 //! batch, as much as the socket takes. The decisions are made elsewhere:
-//! [`handshake`](crate::handshake) answers request heads, tungstenite parses
+//! [`handshake`] answers request heads, tungstenite parses
 //! frames, the [`Hub`] decides what every connection is sent.
 
 use std::io::{self, Read, Write};

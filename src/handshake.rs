@@ -452,7 +452,31 @@ fn route(path: &str, policy: &Policy<'_>) -> Result<Route, RejectReason> {
 }
 
 /// Apply the §11 rules after the size check, to a complete parsed head.
+/// A `HEAD` request is refused like any other unserved method, and its
+/// refusal carries no body (RFC 9110 §9.3.2): the headers, `Content-Length`
+/// included, are those the body would have had.
 fn decide_head(
+    request: &httparse::Request<'_, '_>,
+    head_len: usize,
+    policy: &Policy<'_>,
+) -> Decision {
+    let mut decision = decide_request(request, head_len, policy);
+    if request.method == Some("HEAD")
+        && let Decision::Reject { response, .. } = &mut decision
+        && let Some(end) = find_subsequence(response, b"\r\n\r\n")
+    {
+        response.truncate(end + 4);
+    }
+    decision
+}
+
+fn find_subsequence(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+fn decide_request(
     request: &httparse::Request<'_, '_>,
     head_len: usize,
     policy: &Policy<'_>,
@@ -1300,6 +1324,28 @@ mod tests {
             let decision = setup.decide(&raw(method, "/health", ""));
             assert_reject(&decision, RejectReason::Method);
             assert!(response_text(&decision).contains("\r\nAllow: GET\r\n"));
+        }
+    }
+
+    #[test]
+    fn a_refused_head_request_gets_headers_without_a_body() {
+        let setup = Setup::new();
+        for (target, reason) in [
+            ("/health", RejectReason::Method),
+            ("/ws", RejectReason::Method),
+            ("/nowhere", RejectReason::NotFound),
+        ] {
+            let decision = setup.decide(&raw("HEAD", target, ""));
+            assert_reject(&decision, reason);
+            let text = response_text(&decision);
+            assert!(text.ends_with("\r\n\r\n"), "{target}: {text:?}");
+            let with_body = response_text(&setup.decide(&raw("PUT", target, "")));
+            let length = |text: &str| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix("Content-Length: "))
+                    .map(str::to_string)
+            };
+            assert_eq!(length(&text), length(&with_body), "{target}");
         }
     }
 

@@ -183,12 +183,11 @@ impl Handler for Worker {
         };
         match ty {
             b"message" => {
-                let seq = if self.plan.echo_endpoint {
-                    None
+                let (seq, tk) = if self.plan.echo_endpoint {
+                    (None, scan::t_and_k(p))
                 } else {
-                    scan::seq(p)
+                    scan::seq_t_and_k(p)
                 };
-                let tk = scan::t_and_k(p);
                 let window = self.window;
                 let member = &mut self.members[m];
                 if member.spec.stalled && member.stall.is_none() {

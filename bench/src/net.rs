@@ -872,34 +872,15 @@ fn base64_16(bytes: &[u8; 16]) -> String {
 /// Fields of a server JSON frame found by substring search, without parsing
 /// the whole document (the hot path sees millions of frames per second).
 pub mod scan {
-    use memchr::memmem::{Finder, FinderRev};
+    use memchr::memmem::Finder;
     use std::sync::LazyLock;
 
     static TYPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"type\""));
-    static SEQ_REV: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(b"\"seq\""));
+    /// How the harness's own content starts: `{"t":T,"k":K,"p":"…"}`.
+    static CONTENT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"{\"t\":"));
     static T: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"t\""));
     static K: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"k\""));
     static CODE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"code\""));
-
-    /// As [`value_at`], for the last occurrence of the key.
-    fn value_at_rev(hay: &[u8], finder: &FinderRev<'_>) -> Option<usize> {
-        let mut end = hay.len();
-        loop {
-            let at = finder.rfind(&hay[..end])?;
-            let mut i = at + finder.needle().len();
-            while i < hay.len() && hay[i] == b' ' {
-                i += 1;
-            }
-            if i < hay.len() && hay[i] == b':' {
-                i += 1;
-                while i < hay.len() && hay[i] == b' ' {
-                    i += 1;
-                }
-                return Some(i);
-            }
-            end = at;
-        }
-    }
 
     /// Position just after `"key"` + optional spaces + `:` + optional spaces.
     fn value_at(hay: &[u8], finder: &Finder<'_>, from: usize) -> Option<usize> {
@@ -960,20 +941,57 @@ pub mod scan {
     /// The send timestamp `"t"` and publisher `"k"` the harness put into the
     /// content; `k` is searched after `t` (it follows it in the content).
     pub fn t_and_k(frame: &[u8]) -> Option<(u64, u64)> {
+        // The content as the harness wrote it (servers carry it verbatim).
+        if let Some(at) = CONTENT.find(frame) {
+            let t_at = at + CONTENT.needle().len();
+            let t_end = t_at
+                + frame[t_at..]
+                    .iter()
+                    .take_while(|b| b.is_ascii_digit())
+                    .count();
+            if let (Some(t), Some(rest)) =
+                (u64_at(frame, t_at), frame[t_end..].strip_prefix(b",\"k\":"))
+                && let Some(k) = u64_at(rest, 0)
+            {
+                return Some((t, k));
+            }
+        }
+        // Re-serialized (spaces after colons, other key order).
         let ti = value_at(frame, &T, 0)?;
         let t = u64_at(frame, ti)?;
         let ki = value_at(frame, &K, ti)?;
         Some((t, u64_at(frame, ki)?))
     }
 
-    /// The `"seq"` number and [`t_and_k`] of a `message` frame. `"seq"` is
-    /// searched from the end: it is the frame's one `"seq"` key (the harness's
-    /// content has none), and roomcast writes it after the content. Searching
-    /// every field from the start made the scans half of the harness's CPU at
-    /// millions of deliveries per second.
+    /// The last `"seq"` number, found from the end: every server writes it
+    /// after the content (roomcast a few bytes before the end), and the
+    /// harness's content has no such key.
+    fn last_seq(frame: &[u8]) -> Option<u64> {
+        let mut end = frame.len();
+        while let Some(q) = memchr::memrchr(b'q', &frame[..end]) {
+            if q >= 3 && &frame[q - 3..q] == b"\"se" && frame.get(q + 1) == Some(&b'"') {
+                let mut i = q + 2;
+                while frame.get(i) == Some(&b' ') {
+                    i += 1;
+                }
+                if frame.get(i) == Some(&b':') {
+                    i += 1;
+                    while frame.get(i) == Some(&b' ') {
+                        i += 1;
+                    }
+                    return u64_at(frame, i);
+                }
+            }
+            end = q;
+        }
+        None
+    }
+
+    /// The `"seq"` number and [`t_and_k`] of a `message` frame. Searching
+    /// each field from the start with a general substring search made the
+    /// scans half of the harness's CPU at millions of deliveries per second.
     pub fn seq_t_and_k(frame: &[u8]) -> (Option<u64>, Option<(u64, u64)>) {
-        let seq = value_at_rev(frame, &SEQ_REV).and_then(|i| u64_at(frame, i));
-        (seq, t_and_k(frame))
+        (last_seq(frame), t_and_k(frame))
     }
 
     /// The `"code"` string of an `error` frame.
@@ -1044,6 +1062,11 @@ mod tests {
         let tricky =
             br#"{"type":"message","payload":{"seq": 8,"room":"seq","content":{"t":1,"k":2}}}"#;
         assert_eq!(scan::seq_t_and_k(tricky), (Some(8), Some((1, 2))));
+        // Other q's after the seq (a user's name) are passed over.
+        let later = br#"{"type":"message","payload":{"content":{"t":1,"k":2,"p":"x"},"seq":5,"user":{"name":"quq\"q"}}}"#;
+        assert_eq!(scan::seq_t_and_k(later), (Some(5), Some((1, 2))));
+        let none = br#"{"type":"message","payload":{"content":{"t":1},"note":"q"}}"#;
+        assert_eq!(scan::seq_t_and_k(none), (None, None));
         let e = br#"{"type":"error","payload":{"code":"rate_limited","message":"x"}}"#;
         assert_eq!(scan::error_code(e), "rate_limited");
         let l = br#"{"type":"lagged","payload":{"room":"r","from_seq":5,"to_seq":9}}"#;

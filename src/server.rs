@@ -2,7 +2,8 @@
 //!
 //! One `mio::Poll` drives everything. Sockets are registered once,
 //! edge-triggered, for both readiness kinds; reads go until `WouldBlock` or a
-//! short read (the receive queue was empty: new data raises a new edge); a
+//! short read (the receive queue was empty: new data raises a new edge), or
+//! until the connection's turn is used up (it is read on next iteration); a
 //! connection with queued bytes is written once at the end of each event
 //! batch, as much as the socket takes. The decisions are made elsewhere:
 //! [`handshake`] answers request heads, tungstenite parses
@@ -54,6 +55,13 @@ const CODEC_BUFFER_SIZE: usize = 256;
 
 /// The loop's one socket read buffer, shared by every connection in turn.
 const SHARED_INPUT_SIZE: usize = 64 * 1024;
+
+/// Full socket reads one connection gets per loop iteration (256 KiB). A
+/// client that sends faster than the loop parses never lets its socket run
+/// dry, and reading it until it did kept the loop on it alone (a flood on
+/// loopback with `--rate-limit 0` held one turn for 72 MB); the rest waits
+/// for the next iteration, after everyone else's events.
+const READS_PER_TURN: u32 = 4;
 
 /// How long a closing connection may take to flush its close frame and hang up.
 const CLOSE_LINGER_MS: Millis = 1000;
@@ -128,6 +136,8 @@ struct Connection {
     serial: u64,
     /// An API request waits for Redis (`Some(keep_alive)`); later requests wait behind it.
     awaiting_api: Option<bool>,
+    /// Its read turn was used up and it waits in `Server::read_again`.
+    read_again_queued: bool,
 }
 
 /// Bytes read from one socket and not yet taken by its codec. One buffer
@@ -144,6 +154,11 @@ struct SharedInput {
     /// Whether a short read may be trusted that way. Not when the event also
     /// said the peer hung up: no later edge would report the end of stream.
     trust_short_reads: bool,
+    /// Socket reads left in this connection's turn.
+    reads_left: u32,
+    /// The turn ended with bytes possibly still in the socket: no readiness
+    /// edge will come for them, so the loop must come back by itself.
+    turn_used_up: bool,
 }
 
 impl SharedInput {
@@ -154,6 +169,8 @@ impl SharedInput {
             end: 0,
             socket_drained: false,
             trust_short_reads: false,
+            reads_left: READS_PER_TURN,
+            turn_used_up: false,
         }
     }
 
@@ -164,6 +181,18 @@ impl SharedInput {
         self.end = 0;
         self.socket_drained = false;
         self.trust_short_reads = trust_short_reads;
+        self.reads_left = READS_PER_TURN;
+        self.turn_used_up = false;
+    }
+
+    /// Takes one read from the turn's allowance; false once it is spent.
+    fn take_read(&mut self) -> bool {
+        if self.reads_left == 0 {
+            self.turn_used_up = true;
+            return false;
+        }
+        self.reads_left -= 1;
+        true
     }
 }
 
@@ -182,7 +211,7 @@ impl Read for QueueStream<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let input = &mut *self.input;
         if input.start >= input.end {
-            if input.socket_drained {
+            if input.socket_drained || !input.take_read() {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             input.start = 0;
@@ -259,6 +288,11 @@ pub struct Server {
     input: SharedInput,
     /// Connections whose HTTP answer waits to be written.
     http_dirty: Vec<usize>,
+    /// Connections to read again at the next iteration, their turn having
+    /// ended before their socket ran dry: key, serial, `trust_short_reads`.
+    read_again: Vec<(usize, u64, bool)>,
+    /// The list being worked through, kept for its allocation.
+    reading_again: Vec<(usize, u64, bool)>,
     to_free: Vec<usize>,
     /// When the process exits, once a signal asked it to stop.
     shutting_down: Option<Millis>,
@@ -362,6 +396,8 @@ impl Server {
             due: Vec::new(),
             accept_paused_until: None,
             http_dirty: Vec::new(),
+            read_again: Vec::new(),
+            reading_again: Vec::new(),
             to_free: Vec::new(),
             shutting_down: None,
             bridge,
@@ -410,6 +446,7 @@ impl Server {
             }
             let iteration_started = Instant::now();
             let now = now_ms();
+            self.continue_reads(&mut closes, now);
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(now),
@@ -466,8 +503,9 @@ impl Server {
     }
 
     fn poll_timeout(&self, now: Millis, next_summary: Millis) -> Duration {
-        if self.hub.has_dirty() || !self.http_dirty.is_empty() {
-            // Frames queued while flushing (a `lagged` notice) go out now.
+        if self.hub.has_dirty() || !self.http_dirty.is_empty() || !self.read_again.is_empty() {
+            // Frames queued while flushing (a `lagged` notice) go out now,
+            // and sockets whose turn ended are read on.
             return Duration::ZERO;
         }
         let mut wake = next_summary;
@@ -518,6 +556,7 @@ impl Server {
                     entry.insert(Connection {
                         serial: self.next_serial,
                         awaiting_api: None,
+                        read_again_queued: false,
                         socket,
                         phase: Phase::Http {
                             head: Vec::new(),
@@ -1081,6 +1120,9 @@ impl Server {
                     if queued_reply {
                         self.hub.mark_dirty(key);
                     }
+                    if self.input.turn_used_up {
+                        self.read_later(key, trust_short_reads);
+                    }
                     return;
                 }
                 Err(tungstenite::Error::Io(error))
@@ -1257,9 +1299,13 @@ impl Server {
         let Some(connection) = self.connections.get_mut(key) else {
             return;
         };
-        let mut sink = [0u8; 4096];
+        self.input.reset(false);
         loop {
-            match connection.socket.read(&mut sink) {
+            if !self.input.take_read() {
+                self.read_later(key, false);
+                return;
+            }
+            match connection.socket.read(&mut self.input.buffer) {
                 Ok(0) => break,
                 Ok(_) => continue,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
@@ -1268,6 +1314,41 @@ impl Server {
             }
         }
         self.schedule_free(key);
+    }
+
+    /// Puts a connection whose read turn was used up on the list read at
+    /// the start of the next iteration (once, however often its turn ends).
+    fn read_later(&mut self, key: usize, trust_short_reads: bool) {
+        if let Some(connection) = self.connections.get_mut(key)
+            && !connection.read_again_queued
+        {
+            connection.read_again_queued = true;
+            self.read_again
+                .push((key, connection.serial, trust_short_reads));
+        }
+    }
+
+    /// Gives the connections whose turn ended last iteration their next
+    /// turn, ahead of this iteration's events (their sockets raise none).
+    fn continue_reads(&mut self, closes: &mut Vec<CloseRequest>, now: Millis) {
+        if self.read_again.is_empty() {
+            return;
+        }
+        let mut reading = std::mem::take(&mut self.reading_again);
+        std::mem::swap(&mut reading, &mut self.read_again);
+        for &(key, serial, trust_short_reads) in &reading {
+            // A freed key may have gone to a new connection since.
+            match self.connections.get_mut(key) {
+                Some(connection) if connection.serial == serial => {
+                    connection.read_again_queued = false;
+                }
+                _ => continue,
+            }
+            self.on_readable(key, trust_short_reads, now);
+            self.apply_hub_closes(closes, now);
+        }
+        reading.clear();
+        self.reading_again = reading;
     }
 
     fn run_deadlines(&mut self, now: Millis) {

@@ -1161,6 +1161,83 @@ fn peer_closing_with_a_full_queue_leaves_the_room() {
     server.connect("newcomer").assert_alive();
 }
 
+/// With the rate limit off, nothing stops a client from sending faster than
+/// the loop can parse: reading it until its socket is empty would never end.
+/// Each connection gets a bounded turn per loop iteration, so the others
+/// are still served while it floods.
+#[test]
+fn a_client_flooding_without_a_rate_limit_does_not_starve_the_others() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let server = TestServer::start(&["--rate-limit", "0"]);
+    let mut flooder = RawWs::open(server.addr, &ws_path("flooder"));
+    assert_eq!(flooder.json()["type"], "welcome");
+    flooder.send(&client_frame(
+        0x81,
+        br#"{"type":"join","payload":{"room":"alone"}}"#,
+        true,
+    ));
+    assert_eq!(flooder.json()["type"], "joined");
+    let mut bystander = server.connect("bystander");
+
+    // `typing` in a room of one sends nothing back, so the flood only ever
+    // costs the server reading and parsing, never queue space; the padding
+    // (an unknown field, ignored) costs the server several passes over each
+    // byte and the flooder one.
+    let padding = "p".repeat(16 * 1024);
+    let typing = client_frame(
+        0x81,
+        format!(
+            r#"{{"type":"typing","pad":"{padding}","payload":{{"room":"alone","is_typing":true}}}}"#
+        )
+        .as_bytes(),
+        true,
+    );
+    let burst: Vec<u8> = typing.repeat(64 * 1024 / typing.len());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut stream = flooder
+        .stream
+        .try_clone()
+        .expect("clone the flooder's socket");
+    let (under_way, flood_started) = mpsc::channel();
+    let flooding = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            let mut bursts = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                stream.write_all(&burst).expect("flood");
+                bursts += 1;
+                // 2 MiB: more than the socket buffers hold, so the server
+                // has been reading the flood for a while.
+                if bursts == 32 {
+                    let _ = under_way.send(());
+                }
+            }
+            bursts
+        })
+    };
+
+    flood_started.recv().expect("the flood got under way");
+    let pong = bystander.request(json!({"type": "ping", "id": "while flooded", "payload": {}}));
+    assert_eq!(pong["type"], "pong");
+    assert_eq!(pong["id"], "while flooded");
+    stop.store(true, Ordering::Relaxed);
+    assert!(flooding.join().expect("flooding thread") >= 32);
+    bystander.assert_alive();
+
+    // The flood was read over many turns without losing a byte: the frame
+    // after it still parses.
+    flooder.send(&client_frame(
+        0x81,
+        br#"{"type":"ping","id":"after the flood","payload":{}}"#,
+        true,
+    ));
+    let pong = flooder.json();
+    assert_eq!(pong["type"], "pong", "{pong}");
+    assert_eq!(pong["id"], "after the flood");
+}
+
 // ===========================================================================
 // 9. Hostile frames (RFC 6455, §8)
 // ===========================================================================

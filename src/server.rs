@@ -32,7 +32,7 @@ use crate::config::ServerArgs;
 use crate::handshake::{self, Decision, Endpoint, HttpRoute, Policy, RejectReason};
 use crate::hub::{ApiAnswer, ApiKind, CloseRequest, ConnId, Hub, HubConfig, Millis};
 use crate::metrics::Gauges;
-use crate::outbound::{Marks, OutboundQueue};
+use crate::outbound::{Marks, OutboundQueue, Staging};
 use crate::state;
 use crate::timers::Deadlines;
 
@@ -286,6 +286,8 @@ pub struct Server {
     due: Vec<ServerTimer>,
     /// The socket read buffer shared by all connections.
     input: SharedInput,
+    /// The write-side counterpart: small queued frames are gathered here.
+    staging: Staging,
     /// Connections whose HTTP answer waits to be written.
     http_dirty: Vec<usize>,
     /// Connections to read again at the next iteration, their turn having
@@ -392,6 +394,7 @@ impl Server {
             local_address,
             websocket_config,
             input: SharedInput::new(),
+            staging: Staging::new(),
             timers: Deadlines::new(),
             due: Vec::new(),
             accept_paused_until: None,
@@ -1251,7 +1254,7 @@ impl Server {
         if queue.is_empty() && !connection.close_when_flushed {
             return;
         }
-        match queue.write_to(&mut connection.socket) {
+        match queue.write_to(&mut connection.socket, &mut self.staging) {
             Ok(written) => {
                 self.hub.metrics_mut().bytes_sent += written as u64;
                 if written > 0 {

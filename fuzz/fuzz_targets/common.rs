@@ -18,13 +18,13 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::io::{self, IoSlice, Write};
+use std::io::{self, Write};
 use std::sync::OnceLock;
 
 use roomcast::auth::{Identity, RoomAccess, TokenClaims, Verifier, sign};
 use roomcast::handshake::{self, Decision, Endpoint, HttpRoute, Policy, RejectReason};
 use roomcast::hub::{CloseRequest, ConnId, Hub, HubConfig, Millis};
-use roomcast::outbound::Marks;
+use roomcast::outbound::{Marks, Staging};
 use roomcast::protocol::{self, ErrorCode, MAX_ID_BYTES, RequestBody};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -811,24 +811,13 @@ struct Socket {
 
 impl Write for Socket {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.write_vectored(&[IoSlice::new(buf)])
-    }
-
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         if self.budget == 0 {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        let mut written = 0;
-        for buf in bufs {
-            let n = buf.len().min(self.budget);
-            self.taken.extend_from_slice(&buf[..n]);
-            self.budget -= n;
-            written += n;
-            if self.budget == 0 {
-                break;
-            }
-        }
-        Ok(written)
+        let n = buf.len().min(self.budget);
+        self.taken.extend_from_slice(&buf[..n]);
+        self.budget -= n;
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -874,6 +863,8 @@ struct Harness {
     /// The last epoch announced for each room name.
     epochs: HashMap<String, String>,
     step: usize,
+    /// The shell's write staging buffer.
+    staging: Staging,
 }
 
 /// Input: a sequence of operations (see [`op`]); each op byte is followed by
@@ -892,6 +883,7 @@ pub fn hub_events(data: &[u8]) {
         clients: (0..CONNS).map(|_| None).collect(),
         epochs: HashMap::new(),
         step: 0,
+        staging: Staging::new(),
     };
     let mut input = Input { data };
     while let Some(code) = input.next() {
@@ -1137,7 +1129,7 @@ impl Harness {
             budget,
         };
         let written = queue
-            .write_to(&mut socket)
+            .write_to(&mut socket, &mut self.staging)
             .unwrap_or_else(|error| panic!("step {step}: write_to failed: {error}"));
         assert_eq!(written, socket.taken.len(), "step {step}: bytes written");
         assert_eq!(

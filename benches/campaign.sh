@@ -223,24 +223,24 @@ print(f"{tool}: {rate:,.0f} frames/s queued ({frame_bytes:.0f} bytes each) × {s
 EOF
 }
 
-# iov_summary NAME: from one second of `strace -e trace=writev` (not -c): how
-# many iovecs (one frame each) and bytes every writev carried.
-iov_summary() {
+# write_summary NAME: from one second of `strace -e trace=sendto,writev` (not
+# -c): how many bytes every write call offered and carried.
+write_summary() {
     python3 - "$dir/$1.txt" <<'EOF'
 import re, statistics, sys
-from collections import Counter
-iovs, rets = [], []
+offered, rets = [], []
 for line in open(sys.argv[1]):
-    m = re.search(r"writev\(\d+, \S+, (\d+)\)\s+= (-?\d+)", line)
+    m = re.search(r"sendto\(\d+, .*?, (\d+), [^)]*\)\s+= (-?\d+)", line)
     if m:
-        iovs.append(int(m.group(1)))
+        offered.append(int(m.group(1)))
         rets.append(int(m.group(2)))
-if not iovs:
-    print("strace sample: no writev seen")
+if not offered:
+    print("strace sample: no send seen")
 else:
-    common = ", ".join(f"{k} iovecs: {v}" for k, v in Counter(iovs).most_common(4))
-    print(f"strace sample (1 s): {len(iovs):,} writev calls, {statistics.mean(iovs):.1f} iovecs (frames) per call "
-          f"[{common}], {statistics.mean([r for r in rets if r > 0] or [0]):,.0f} bytes per call, "
+    full = sum(1 for o in offered if o >= 60 * 1024)
+    print(f"strace sample (1 s): {len(offered):,} send calls, {statistics.mean(offered):,.0f} bytes offered per call "
+          f"(median {statistics.median(offered):,.0f}; {full} offered a full staging buffer), "
+          f"{statistics.mean([r for r in rets if r > 0] or [0]):,.0f} bytes written per call, "
           f"{sum(1 for r in rets if r < 0)} returned an error (EAGAIN)")
 EOF
 }
@@ -282,14 +282,14 @@ for step in "${step_list[@]}"; do
             ;;
         syscalls)
             wait_quiet syscalls
-            echo "== step syscalls: strace -c, perf stat and an strace sample of writev, on roomcast alone" >&2
+            echo "== step syscalls: strace -c, perf stat and an strace sample of the sends, on roomcast alone" >&2
             instrumented syscalls-strace timeout -s INT 5 strace -c -f -e trace=write,writev,sendto -p @PID@
             instrumented syscalls-perf perf stat -e syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_sendto -p @PID@ -- sleep 5
-            instrumented syscalls-iov timeout -s INT 1 strace -f -e trace=writev -e verbose=none -s 0 -p @PID@
+            instrumented syscalls-sends timeout -s INT 1 strace -f -e trace=sendto,writev -e verbose=none -s 0 -p @PID@
             {
                 frames_per_write syscalls-strace strace
                 frames_per_write syscalls-perf perf
-                iov_summary syscalls-iov
+                write_summary syscalls-sends
             } | tee "$dir/syscalls.txt" >&2
             ;;
         profile)

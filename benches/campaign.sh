@@ -13,7 +13,8 @@
 #                   machine's ceiling: framing only)
 #   idle            idle at 1k, 5k, 10k joined connections (all servers) and 19k (roomcast)
 #   slow            roomcast and tokio-tungstenite, 100 members at 2,000 msgs/s,
-#                   with one stalled member and without (the baseline)
+#                   with one stalled member and without (the baseline); then
+#                   roomcast alone in 5 interleaved pairs (benches/slow-pairs.sh)
 #   sweep           fanout room-size sweep, --rate 0: 10, 50, 200, 500 members
 #                   (100 comes from fanout-max: same flags)
 #   syscalls        roomcast alone under saturated fanout: strace -c and perf stat
@@ -274,6 +275,11 @@ for step in "${step_list[@]}"; do
             slow=(slow --members 100 --publishers 1 --rate 2000 --size 512 --stall-after 0.5 --duration 10 --warmup 1)
             compare slow-stalled "${slow[@]}" --stalled 1 --reps "$reps" --servers roomcast,tokio-tungstenite
             compare slow-baseline "${slow[@]}" --stalled 0 --reps "$reps" --servers roomcast,tokio-tungstenite
+            # The target compares the two: as interleaved pairs, so that the
+            # machine's drift between the two steps above is not read as an effect.
+            wait_quiet slow-pairs
+            echo "== step slow-pairs: benches/slow-pairs.sh --pairs 5" >&2
+            "$root/benches/slow-pairs.sh" --pairs 5 --out "$dir/slow-pairs.jsonl" 2>&1 | tee "$dir/slow-pairs.log" >&2
             ;;
         sweep)
             for m in 10 50 200 500; do

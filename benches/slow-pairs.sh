@@ -3,7 +3,7 @@
 # without, interleaved (baseline, stalled, baseline, stalled, …) so that the
 # machine's drift hits both alike; prints each pair and the medians.
 #
-#   benches/slow-pairs.sh [--pairs N] [--port P]
+#   benches/slow-pairs.sh [--pairs N] [--port P] [--out FILE.jsonl]
 #
 # Flags of the workload: the campaign's `slow` step (100 members, 2,000 msgs/s,
 # 512-byte content, the stalled member stops reading after 0.5 s, 10 s window),
@@ -12,15 +12,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 pairs=5
 port=9611
+out=
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --pairs) pairs=$2; shift 2 ;;
         --port) port=$2; shift 2 ;;
+        --out) out=$2; shift 2 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
 cargo build --release --quiet -p roomcast -p roomcast-bench
-out=target/bench-results/slow-pairs-$(date +%Y%m%d-%H%M%S).jsonl
+if [[ -z $out ]]; then
+    mkdir -p target/bench-results
+    out=target/bench-results/slow-pairs-$(date +%Y%m%d-%H%M%S).jsonl
+fi
 : >"$out"
 server_pid=""
 trap '[[ -n $server_pid ]] && kill -TERM "$server_pid" 2>/dev/null; true' EXIT

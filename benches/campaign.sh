@@ -279,7 +279,7 @@ for step in "${step_list[@]}"; do
             # machine's drift between the two steps above is not read as an effect.
             wait_quiet slow-pairs
             echo "== step slow-pairs: benches/slow-pairs.sh --pairs 5" >&2
-            "$root/benches/slow-pairs.sh" --pairs 5 --out "$dir/slow-pairs.jsonl" 2>&1 | tee "$dir/slow-pairs.log" >&2
+            "$root/benches/slow-pairs.sh" --pairs 5 --max-other 25 --out "$dir/slow-pairs.jsonl" 2>&1 | tee "$dir/slow-pairs.log" >&2
             ;;
         sweep)
             for m in 10 50 200 500; do

@@ -3,22 +3,22 @@
 # without, interleaved (baseline, stalled, baseline, stalled, …) so that the
 # machine's drift hits both alike; prints each pair and the medians.
 #
-#   benches/slow-pairs.sh [--pairs N] [--port P] [--out FILE.jsonl]
+#   benches/slow-pairs.sh [--pairs N] [--out FILE.jsonl] [compare.sh flags…]
 #
-# Flags of the workload: the campaign's `slow` step (100 members, 2,000 msgs/s,
-# 512-byte content, the stalled member stops reading after 0.5 s, 10 s window),
-# and compare.sh's buffer marks (soft 1 MiB, hard 8 MiB).
+# Each run is one `benches/compare.sh slow … --servers roomcast --reps 1` (a
+# fresh server, its buffer marks, noise checks such as --max-other), with the
+# campaign's `slow` flags: 100 members, 2,000 msgs/s, 512-byte content, the
+# stalled member stops reading after 0.5 s, 10 s window.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pairs=5
-port=9611
-out=
+out=""
+passthrough=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --pairs) pairs=$2; shift 2 ;;
-        --port) port=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
-        *) echo "unknown argument: $1" >&2; exit 2 ;;
+        *) passthrough+=("$1"); shift ;;
     esac
 done
 cargo build --release --quiet -p roomcast -p roomcast-bench
@@ -27,20 +27,14 @@ if [[ -z $out ]]; then
     out=target/bench-results/slow-pairs-$(date +%Y%m%d-%H%M%S).jsonl
 fi
 : >"$out"
-server_pid=""
-trap '[[ -n $server_pid ]] && kill -TERM "$server_pid" 2>/dev/null; true' EXIT
+run_out=$(mktemp)
+trap 'rm -f "$run_out" "$run_out.noisy"' EXIT
 for ((pair = 1; pair <= pairs; pair++)); do
     for stalled in 0 1; do
-        target/release/roomcast --listen "127.0.0.1:$port" --jwt-secret bench-secret --rate-limit 0 \
-            --write-buffer-soft 1048576 --write-buffer-hard 8388608 --log-level warn >/dev/null 2>&1 &
-        server_pid=$!
-        for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
-        target/release/roomcast-bench slow --url "ws://127.0.0.1:$port" --secret bench-secret \
-            --server-pid "$server_pid" --json-only --members 100 --publishers 1 --rate 2000 --size 512 \
-            --stall-after 0.5 --duration 10 --warmup 1 --stalled "$stalled" 2>/dev/null | tail -1 >>"$out"
-        kill -TERM "$server_pid"
-        wait "$server_pid" 2>/dev/null || true
-        server_pid=""
+        benches/compare.sh slow --members 100 --publishers 1 --rate 2000 --size 512 --stall-after 0.5 \
+            --duration 10 --warmup 1 --stalled "$stalled" --servers roomcast --reps 1 --no-build \
+            --out "$run_out" "${passthrough[@]}" >&2
+        cat "$run_out" >>"$out"
     done
 done
 python3 - "$out" <<'PY'

@@ -22,9 +22,10 @@ const COPY_LIMIT: usize = 16 * 1024;
 /// loop, reused by every connection in turn.
 ///
 /// Copying is cheaper than `writev` here: handing the kernel 64 frames of
-/// 200 bytes as 64 iovecs cost about 20 % more kernel time per frame than
-/// one contiguous buffer of the same bytes (fan-out to 100 members at
-/// saturation, 8 interleaved runs each), more than the copy itself costs.
+/// about 260 bytes as 64 iovecs cost about a third more kernel time per
+/// frame than one contiguous buffer of the same bytes (0.149 vs 0.111 µs;
+/// fan-out to 100 members at saturation, 8 interleaved runs each), far more
+/// than the copy itself costs.
 #[derive(Debug)]
 pub struct Staging {
     buffer: Vec<u8>,
@@ -178,11 +179,8 @@ impl OutboundQueue {
             return Ok((0, 0));
         };
         let head = head.get(self.head_written..).unwrap_or_default();
-        let offered;
-        let written;
-        if self.chunks.len() == 1 || head.len() >= COPY_LIMIT {
-            offered = head.len();
-            written = writer.write(head)?;
+        let outgoing = if self.chunks.len() == 1 || head.len() >= COPY_LIMIT {
+            head
         } else {
             let gathered = &mut staging.buffer;
             gathered.clear();
@@ -193,9 +191,10 @@ impl OutboundQueue {
                 }
                 gathered.extend_from_slice(chunk);
             }
-            offered = gathered.len();
-            written = writer.write(gathered)?;
-        }
+            gathered.as_slice()
+        };
+        let offered = outgoing.len();
+        let written = writer.write(outgoing)?;
         self.consume(written);
         Ok((written, offered))
     }

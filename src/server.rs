@@ -185,14 +185,26 @@ impl SharedInput {
         self.turn_used_up = false;
     }
 
-    /// Takes one read from the turn's allowance; false once it is spent.
-    fn take_read(&mut self) -> bool {
+    /// Refills the buffer with one `read` from `socket`, within the turn's
+    /// allowance. `WouldBlock` once the allowance is spent (`turn_used_up`
+    /// says so) or a trusted short read said the socket is empty.
+    fn refill(&mut self, socket: &mut TcpStream) -> io::Result<usize> {
+        if self.socket_drained {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         if self.reads_left == 0 {
             self.turn_used_up = true;
-            return false;
+            return Err(io::ErrorKind::WouldBlock.into());
         }
         self.reads_left -= 1;
-        true
+        self.start = 0;
+        self.end = 0;
+        let read = socket.read(&mut self.buffer)?;
+        self.end = read;
+        // The same rule as nginx's `ready = 0` and tokio's readiness
+        // clearing after a short read: one syscall fewer per message.
+        self.socket_drained = self.trust_short_reads && read > 0 && read < self.buffer.len();
+        Ok(read)
     }
 }
 
@@ -211,16 +223,7 @@ impl Read for QueueStream<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let input = &mut *self.input;
         if input.start >= input.end {
-            if input.socket_drained || !input.take_read() {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            input.start = 0;
-            input.end = 0;
-            let read = self.socket.read(&mut input.buffer)?;
-            input.end = read;
-            // The same rule as nginx's `ready = 0` and tokio's readiness
-            // clearing after a short read: one syscall fewer per message.
-            input.socket_drained = input.trust_short_reads && read > 0 && read < input.buffer.len();
+            input.refill(self.socket)?;
         }
         let available = input.buffer.get(input.start..input.end).unwrap_or_default();
         let count = available.len().min(buf.len());
@@ -1304,14 +1307,15 @@ impl Server {
         };
         self.input.reset(false);
         loop {
-            if !self.input.take_read() {
-                self.read_later(key, false);
-                return;
-            }
-            match connection.socket.read(&mut self.input.buffer) {
+            match self.input.refill(&mut connection.socket) {
                 Ok(0) => break,
                 Ok(_) => continue,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    if self.input.turn_used_up {
+                        self.read_later(key, false);
+                    }
+                    return;
+                }
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => break,
             }
@@ -1337,8 +1341,11 @@ impl Server {
         if self.read_again.is_empty() {
             return;
         }
-        let mut reading = std::mem::take(&mut self.reading_again);
-        std::mem::swap(&mut reading, &mut self.read_again);
+        // The two lists trade places, so neither allocates again.
+        let mut reading = std::mem::replace(
+            &mut self.read_again,
+            std::mem::take(&mut self.reading_again),
+        );
         for &(key, serial, trust_short_reads) in &reading {
             // A freed key may have gone to a new connection since.
             match self.connections.get_mut(key) {

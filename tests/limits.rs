@@ -1238,6 +1238,91 @@ fn a_client_flooding_without_a_rate_limit_does_not_starve_the_others() {
     assert_eq!(pong["id"], "after the flood");
 }
 
+/// Waits until the process is stopped (state `T` in `/proc/PID/stat`).
+fn await_stopped(pid: u32) {
+    let path = format!("/proc/{pid}/stat");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let stat = std::fs::read_to_string(&path).expect("read /proc/PID/stat");
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next());
+        if state == Some("T") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the server did not stop: {stat}");
+        thread::yield_now();
+    }
+}
+
+/// The turn itself, made visible: while the server is stopped, a flooder's
+/// megabyte and then a bystander's message wait in their sockets, the
+/// flooder's first. Reading the flooder until its socket ran dry would
+/// publish its closing message before the bystander's; with bounded turns
+/// the bystander's message comes first.
+#[test]
+fn a_bystander_is_served_between_the_turns_of_a_flooder() {
+    let server = TestServer::start(&["--rate-limit", "0"]);
+    let mut flooder = RawWs::open(server.addr, &ws_path("flooder"));
+    assert_eq!(flooder.json()["type"], "welcome");
+    for room in ["alone", "shared"] {
+        flooder.send(&client_frame(
+            0x81,
+            format!(r#"{{"type":"join","payload":{{"room":"{room}"}}}}"#).as_bytes(),
+            true,
+        ));
+        assert_eq!(flooder.json()["type"], "joined");
+    }
+    let mut bystander = server.connect("bystander");
+    bystander.join("shared");
+
+    let padding = "p".repeat(16 * 1024);
+    let typing = client_frame(
+        0x81,
+        format!(
+            r#"{{"type":"typing","pad":"{padding}","payload":{{"room":"alone","is_typing":true}}}}"#
+        )
+        .as_bytes(),
+        true,
+    );
+    let flood: Vec<u8> = typing.repeat(1024 * 1024 / typing.len());
+    // A first flood, read by a running server, lets the kernel grow the
+    // connection's receive buffer well past what one turn reads.
+    flooder.send(&flood);
+    flooder.send(&client_frame(
+        0x81,
+        br#"{"type":"ping","id":"warm","payload":{}}"#,
+        true,
+    ));
+    while flooder.json()["type"] != "pong" {}
+
+    let pid = server.pid().to_string();
+    Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .expect("kill -STOP");
+    await_stopped(server.pid());
+    let mut last = flood.clone();
+    last.extend_from_slice(&client_frame(
+        0x81,
+        br#"{"type":"message","payload":{"room":"shared","content":"end of the flood"}}"#,
+        true,
+    ));
+    flooder.send(&last);
+    bystander
+        .send(json!({"type": "message", "payload": {"room": "shared", "content": "bystander"}}));
+    Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .expect("kill -CONT");
+
+    let first = bystander.recv_type("message");
+    assert_eq!(first["payload"]["content"], "bystander", "{first}");
+    let second = bystander.recv_type("message");
+    assert_eq!(second["payload"]["content"], "end of the flood", "{second}");
+}
+
 // ===========================================================================
 // 9. Hostile frames (RFC 6455, §8)
 // ===========================================================================

@@ -114,6 +114,21 @@ pub enum TokenError {
     InvalidClaims(&'static str),
 }
 
+impl TokenError {
+    /// The code `GET /token/check` answers with (PROTOCOL §1), so a page can
+    /// tell an expired token from a forged one without parsing messages.
+    pub fn code(&self) -> &'static str {
+        match self {
+            TokenError::TooLong | TokenError::Malformed => "malformed",
+            // A foreign algorithm is a token this server did not sign.
+            TokenError::UnsupportedAlgorithm | TokenError::BadSignature => "bad_signature",
+            TokenError::Expired => "expired",
+            TokenError::NotYetValid => "not_yet_valid",
+            TokenError::MissingSubject | TokenError::InvalidClaims(_) => "invalid_claims",
+        }
+    }
+}
+
 /// Verifies tokens against one secret.
 ///
 /// Holds an HMAC already keyed with the secret, so each verification is a

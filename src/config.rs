@@ -2,7 +2,7 @@
 //! its `ROOMCAST_*` variable. clap does the parsing so that an unknown flag or a
 //! bad value gets a clear message and exit code 2 without code of ours.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -34,16 +34,16 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct TokenArgs {
     /// The server's JWT secret.
-    #[arg(long, env = "ROOMCAST_JWT_SECRET")]
+    #[arg(long, env = "ROOMCAST_JWT_SECRET", hide_env_values = true, value_parser = non_empty_secret)]
     pub secret: String,
     /// The user id (`sub` claim).
-    #[arg(long)]
+    #[arg(long, value_parser = non_empty)]
     pub sub: String,
     /// The display name (`name` claim); defaults to the user id.
     #[arg(long)]
     pub name: Option<String>,
-    /// Lifetime in seconds; without it the token never expires.
-    #[arg(long)]
+    /// Lifetime in seconds (at least 1); without it the token never expires.
+    #[arg(long, allow_negative_numbers = true, value_parser = time_to_live)]
     pub ttl: Option<u64>,
     /// Room patterns the token may join (`rooms` claim), comma-separated, e.g. `lobby,team:*`.
     #[arg(long, value_delimiter = ',')]
@@ -53,17 +53,17 @@ pub struct TokenArgs {
 /// Flags of the server (PROTOCOL §9).
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
-    /// Address to listen on.
-    #[arg(long, env = "ROOMCAST_LISTEN", default_value = "127.0.0.1:8080")]
+    /// Address to listen on: IP:PORT or HOST:PORT (a host name is resolved).
+    #[arg(long, env = "ROOMCAST_LISTEN", default_value = "127.0.0.1:8080", value_parser = listen_address)]
     pub listen: SocketAddr,
     /// HS256 secret for client tokens. Without it the server runs in demo mode with a random secret.
-    #[arg(long, env = "ROOMCAST_JWT_SECRET", hide_env_values = true)]
+    #[arg(long, env = "ROOMCAST_JWT_SECRET", hide_env_values = true, value_parser = non_empty_secret)]
     pub jwt_secret: Option<String>,
     /// Bearer key for the server API (publish endpoint disabled without it).
-    #[arg(long, env = "ROOMCAST_API_KEY", hide_env_values = true)]
+    #[arg(long, env = "ROOMCAST_API_KEY", hide_env_values = true, value_parser = non_empty_secret)]
     pub api_key: Option<String>,
     /// Allowed `Origin` for browser upgrades (repeatable; default: any origin).
-    #[arg(long, env = "ROOMCAST_ALLOWED_ORIGIN", value_delimiter = ',')]
+    #[arg(long, env = "ROOMCAST_ALLOWED_ORIGIN", value_delimiter = ',', value_parser = non_empty)]
     pub allowed_origin: Vec<String>,
     /// Most upgraded WebSocket connections at once; more get 503.
     #[arg(long, env = "ROOMCAST_MAX_CONNECTIONS", default_value_t = 100_000)]
@@ -116,6 +116,121 @@ pub struct ServerArgs {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, env = "ROOMCAST_LOG_LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,
+}
+
+/// A secret shorter than this draws a warning at start: HS256 with a short
+/// secret can be brute-forced offline from a single token.
+pub const SHORT_SECRET_BYTES: usize = 32;
+
+/// Refuses an empty value: an unset shell variable expanded to nothing must
+/// not switch a check off without a word (PROTOCOL §9).
+fn non_empty(value: &str) -> Result<String, String> {
+    if value.is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(value.to_owned())
+    }
+}
+
+/// As [`non_empty`], saying how to make a good secret.
+fn non_empty_secret(value: &str) -> Result<String, String> {
+    non_empty(value).map_err(|_| {
+        "must not be empty (an unset variable expanded to nothing?); \
+         make one with `openssl rand -hex 32`"
+            .into()
+    })
+}
+
+/// A token lifetime of at least one second: a TTL of 0 or less would mint a
+/// token that is already expired.
+fn time_to_live(value: &str) -> Result<u64, String> {
+    match value.parse::<i64>() {
+        Ok(seconds) if seconds >= 1 => Ok(seconds.unsigned_abs()),
+        Ok(_) => {
+            Err("must be at least 1 second (omit --ttl for a token that never expires)".into())
+        }
+        Err(_) => Err("expected a whole number of seconds, e.g. 3600".into()),
+    }
+}
+
+/// `IP:PORT` or `HOST:PORT`, resolved once at start. An IPv4 address is
+/// preferred when a name has several, so `localhost:8080` means what the
+/// banner's `127.0.0.1` URLs say.
+fn listen_address(value: &str) -> Result<SocketAddr, String> {
+    const FORMS: &str =
+        "expected HOST:PORT, e.g. 127.0.0.1:8080, 0.0.0.0:8080, [::1]:8080 or localhost:8080";
+    if let Ok(address) = value.parse::<SocketAddr>() {
+        return Ok(address);
+    }
+    let addresses: Vec<SocketAddr> = match value.to_socket_addrs() {
+        Ok(addresses) => addresses.collect(),
+        Err(error) => return Err(format!("{error}; {FORMS}")),
+    };
+    addresses
+        .iter()
+        .find(|address| address.is_ipv4())
+        .or_else(|| addresses.first())
+        .copied()
+        .ok_or_else(|| format!("{value} resolves to no address; {FORMS}"))
+}
+
+/// Parses the command line and the environment. A bad value that came from a
+/// `ROOMCAST_*` variable is reported with the variable's name, since clap
+/// names only the flag, which the user may never have typed.
+pub fn parse_command_line() -> Cli {
+    let arguments: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match Cli::try_parse_from(&arguments) {
+        Ok(cli) => cli,
+        Err(error) => {
+            if let Some((flag, variable)) = variable_behind(&error, &arguments) {
+                let quoted = format!("'{flag}'");
+                let text = error.render().to_string().replacen(
+                    &quoted,
+                    &format!("{quoted} (from the environment variable {variable})"),
+                    1,
+                );
+                eprint!("{text}");
+                std::process::exit(error.exit_code());
+            }
+            error.exit()
+        }
+    }
+}
+
+/// The environment variable that supplied the value `error` refuses, when
+/// the flag itself is not on the command line.
+fn variable_behind(
+    error: &clap::Error,
+    arguments: &[std::ffi::OsString],
+) -> Option<(String, String)> {
+    use clap::CommandFactory;
+    use clap::error::{ContextKind, ContextValue};
+    let ContextValue::String(flag) = error.get(ContextKind::InvalidArg)? else {
+        return None;
+    };
+    // clap names the argument as `--history <HISTORY>`.
+    let long = flag.split_whitespace().next()?.strip_prefix("--")?;
+    let typed = arguments.iter().any(|argument| {
+        argument.to_str().is_some_and(|argument| {
+            argument
+                .strip_prefix("--")
+                .is_some_and(|rest| rest == long || rest.starts_with(&format!("{long}=")))
+        })
+    });
+    if typed {
+        return None;
+    }
+    let command = Cli::command();
+    let argument = command
+        .get_arguments()
+        .chain(
+            command
+                .get_subcommands()
+                .flat_map(|subcommand| subcommand.get_arguments()),
+        )
+        .find(|argument| argument.get_long() == Some(long))?;
+    let variable = argument.get_env()?;
+    std::env::var_os(variable).map(|_| (flag.clone(), variable.to_string_lossy().into_owned()))
 }
 
 /// A flag combination the server refuses to start with.
@@ -214,6 +329,40 @@ mod tests {
         assert_eq!(error.exit_code(), 2);
         let error = Cli::try_parse_from(["roomcast", "--history", "lots"]).unwrap_err();
         assert_eq!(error.exit_code(), 2);
+    }
+
+    #[test]
+    fn listen_takes_addresses_and_host_names() {
+        assert_eq!(
+            listen_address("[::1]:9000").unwrap().to_string(),
+            "[::1]:9000"
+        );
+        let resolved = listen_address("localhost:9000").unwrap();
+        assert!(resolved.ip().is_loopback() && resolved.port() == 9000);
+        for bad in ["", "9000", "localhost", "host:port"] {
+            let error = listen_address(bad).unwrap_err();
+            assert!(error.contains("localhost:8080"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn empty_secrets_and_short_lifetimes_are_refused() {
+        for args in [
+            vec!["roomcast", "--jwt-secret", ""],
+            vec!["roomcast", "--api-key", ""],
+            vec!["roomcast", "--allowed-origin", ""],
+            vec!["roomcast", "token", "--secret", "", "--sub", "a"],
+            vec!["roomcast", "token", "--secret", "s", "--sub", ""],
+            vec![
+                "roomcast", "token", "--secret", "s", "--sub", "a", "--ttl", "0",
+            ],
+            vec![
+                "roomcast", "token", "--secret", "s", "--sub", "a", "--ttl", "-1",
+            ],
+        ] {
+            let error = Cli::try_parse_from(&args).unwrap_err();
+            assert_eq!(error.exit_code(), 2, "{args:?}");
+        }
     }
 
     #[test]

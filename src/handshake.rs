@@ -245,12 +245,52 @@ pub enum HttpRoute {
     Publish,
     /// `POST /api/disconnect` with a verified API key; the body follows the head.
     Disconnect,
+    /// `GET /token/check`: the token checked as an upgrade would check it.
+    TokenCheck(TokenCheck),
     /// `GET /demo/token` (demo mode only).
     DemoToken {
         /// The percent-decoded query `name` (`+` as space); `None` when absent
         /// or empty, so the shell makes a `guest-XXXX` name.
         name: Option<String>,
     },
+}
+
+/// What `GET /token/check` found (PROTOCOL §1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenCheck {
+    /// The token would be accepted by an upgrade now.
+    Valid {
+        /// The user id (`sub`).
+        user_id: String,
+        /// The display name.
+        name: String,
+        /// `exp`, when the token has one.
+        expires_at: Option<u64>,
+    },
+    /// The token would be refused with `401`; the code names why.
+    Refused(&'static str),
+}
+
+impl TokenCheck {
+    /// The HTTP status and JSON body of the answer. Refusals are `401` and
+    /// count as `unauthorized`, like a refused upgrade.
+    pub fn answer(&self) -> (u16, String) {
+        match self {
+            TokenCheck::Valid {
+                user_id,
+                name,
+                expires_at,
+            } => (
+                200,
+                serde_json::json!({
+                    "user": {"id": user_id, "name": name},
+                    "exp": expires_at,
+                })
+                .to_string(),
+            ),
+            TokenCheck::Refused(code) => (401, serde_json::json!({ "error": code }).to_string()),
+        }
+    }
 }
 
 /// Feed the bytes received so far (from the first byte of the request).
@@ -406,6 +446,8 @@ enum Route {
     Health,
     /// `/demo/token`.
     DemoToken,
+    /// `/token/check`.
+    TokenCheck,
     /// A plain `GET` endpoint answered from server state.
     Plain(HttpRoute),
     /// A `POST` endpoint of the server API.
@@ -416,9 +458,12 @@ impl Route {
     /// The one method each endpoint answers; also the `Allow` header of a 405.
     fn method(&self) -> &'static str {
         match self {
-            Route::Rooms(_) | Route::Echo | Route::Health | Route::DemoToken | Route::Plain(_) => {
-                "GET"
-            }
+            Route::Rooms(_)
+            | Route::Echo
+            | Route::Health
+            | Route::DemoToken
+            | Route::TokenCheck
+            | Route::Plain(_) => "GET",
             Route::Api(_) => "POST",
         }
     }
@@ -432,6 +477,7 @@ fn route(path: &str, policy: &Policy<'_>) -> Result<Route, RejectReason> {
         "/health" => Ok(Route::Health),
         "/echo" if policy.echo_enabled => Ok(Route::Echo),
         "/demo/token" if policy.demo_mode => Ok(Route::DemoToken),
+        "/token/check" => Ok(Route::TokenCheck),
         "/" => Ok(Route::Plain(HttpRoute::Page)),
         "/roomcast.js" => Ok(Route::Plain(HttpRoute::ClientScript)),
         "/metrics" => Ok(Route::Plain(HttpRoute::Metrics)),
@@ -544,6 +590,14 @@ fn decide_request(
                 keep_alive,
             };
         }
+        Route::TokenCheck => {
+            return Decision::Serve {
+                route: HttpRoute::TokenCheck(check_token(query, headers, policy)),
+                head_len,
+                body_len: 0,
+                keep_alive,
+            };
+        }
         Route::Rooms(join) => Endpoint::Rooms { join },
         Route::Echo => Endpoint::Echo,
     };
@@ -594,18 +648,12 @@ fn decide_request(
         return reject(RejectReason::Capacity);
     }
 
-    let Some(token) = find_token(query, headers) else {
-        return reject(RejectReason::Unauthorized);
-    };
-    let identity = match std::str::from_utf8(&token) {
-        Ok(token) => match policy.verifier.verify(token, policy.now_secs) {
-            Ok(identity) => identity,
-            Err(err) => {
-                log::debug!("handshake token refused: {err}");
-                return reject(RejectReason::Unauthorized);
-            }
-        },
-        Err(_) => return reject(RejectReason::Unauthorized),
+    let identity = match verify_token(query, headers, policy) {
+        Ok(identity) => identity,
+        Err(code) => {
+            log::debug!("handshake token refused: {code}");
+            return reject(RejectReason::Unauthorized);
+        }
     };
 
     let accept = tungstenite::handshake::derive_accept_key(key);
@@ -621,6 +669,41 @@ fn decide_request(
     }
 }
 
+/// The token of a request checked at `policy.now_secs`; `Err` is the
+/// `/token/check` code. One function for the upgrade and the check, so the
+/// check can never answer differently from the upgrade it predicts.
+fn verify_token(
+    query: Option<&str>,
+    headers: &[httparse::Header<'_>],
+    policy: &Policy<'_>,
+) -> Result<Identity, &'static str> {
+    let token = match find_token(query, headers) {
+        Some(token) if !token.is_empty() => token,
+        _ => return Err("missing"),
+    };
+    let token = std::str::from_utf8(&token).map_err(|_| "malformed")?;
+    policy
+        .verifier
+        .verify(token, policy.now_secs)
+        .map_err(|error| error.code())
+}
+
+/// `GET /token/check` (PROTOCOL §1).
+fn check_token(
+    query: Option<&str>,
+    headers: &[httparse::Header<'_>],
+    policy: &Policy<'_>,
+) -> TokenCheck {
+    match verify_token(query, headers, policy) {
+        Ok(identity) => TokenCheck::Valid {
+            user_id: identity.user_id,
+            name: identity.name,
+            expires_at: identity.expires_at,
+        },
+        Err(code) => TokenCheck::Refused(code),
+    }
+}
+
 /// The server API's checks (§6): a configured key (`403`), the bearer key
 /// compared in constant time (`401`), a body framed by `Content-Length` and no
 /// larger than `--max-message-size` (`413`).
@@ -631,7 +714,8 @@ fn decide_api(
     keep_alive: bool,
     policy: &Policy<'_>,
 ) -> Decision {
-    let Some(key) = policy.api_key else {
+    // An empty key is no key: it must never match a missing `Authorization`.
+    let Some(key) = policy.api_key.filter(|key| !key.is_empty()) else {
         return reject(RejectReason::ApiDisabled);
     };
     // The scheme name is case-insensitive (RFC 9110 §11.1).
@@ -941,6 +1025,69 @@ mod tests {
                 format!("reject {reason:?} {}", String::from_utf8_lossy(response))
             }
         }
+    }
+
+    fn token_check_of(request: &str) -> TokenCheck {
+        match Setup::new().decide(request) {
+            Decision::Serve {
+                route: HttpRoute::TokenCheck(check),
+                ..
+            } => check,
+            other => panic!("expected a token check, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn token_check_predicts_the_upgrade() {
+        let valid = token_check_of(&raw(
+            "GET",
+            &format!("/token/check?token={}", token_for("u1")),
+            "",
+        ));
+        assert_eq!(
+            valid,
+            TokenCheck::Valid {
+                user_id: "u1".into(),
+                name: "Test".into(),
+                expires_at: Some(NOW + 3600),
+            }
+        );
+        assert_eq!(valid.answer().0, 200);
+        let expired = sign(SECRET, json!({"sub": "u1", "exp": NOW}));
+        for (target, headers, code) in [
+            ("/token/check".to_string(), "", "missing"),
+            ("/token/check?token=".to_string(), "", "missing"),
+            ("/token/check?token=x.y".to_string(), "", "malformed"),
+            (
+                format!(
+                    "/token/check?token={}",
+                    sign(b"other", json!({"sub": "u1"}))
+                ),
+                "",
+                "bad_signature",
+            ),
+            (format!("/token/check?token={expired}"), "", "expired"),
+            (
+                "/token/check".to_string(),
+                "Cookie: roomcast_token=nope\r\n",
+                "malformed",
+            ),
+        ] {
+            let check = token_check_of(&raw("GET", &target, headers));
+            assert_eq!(check, TokenCheck::Refused(code), "{target}");
+            assert_eq!(check.answer(), (401, format!(r#"{{"error":"{code}"}}"#)));
+            // The same token on an upgrade is refused.
+            let upgrade = ws(&target.replacen("/token/check", "/ws", 1), headers);
+            assert_reject(&Setup::new().decide(&upgrade), RejectReason::Unauthorized);
+        }
+    }
+
+    #[test]
+    fn an_empty_api_key_is_no_key() {
+        let mut setup = Setup::new();
+        setup.api_key = Some(String::new());
+        let publish = raw("POST", "/api/publish", "Content-Length: 0\r\n");
+        assert_reject(&setup.decide(&publish), RejectReason::ApiDisabled);
     }
 
     #[test]

@@ -2,13 +2,12 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use roomcast::auth::{self, TokenClaims};
-use roomcast::config::{Cli, Command, TokenArgs};
+use roomcast::config::{Command, SHORT_SECRET_BYTES, TokenArgs};
 use roomcast::server::{self, Server};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = roomcast::config::parse_command_line();
     match cli.command {
         Some(Command::Token(args)) => {
             println!("{}", mint(&args));
@@ -44,6 +43,15 @@ fn serve(args: roomcast::config::ServerArgs) -> ExitCode {
     let _ = simple_logger::SimpleLogger::new()
         .with_level(args.log_level)
         .init();
+    if let Some(secret) = &args.jwt_secret
+        && secret.len() < SHORT_SECRET_BYTES
+    {
+        log::warn!(
+            "--jwt-secret is {} bytes; use at least {SHORT_SECRET_BYTES} random bytes \
+             (`openssl rand -hex 32`): a short HS256 secret can be brute-forced offline from one token",
+            secret.len()
+        );
+    }
     let server = match Server::bind(args) {
         Ok(server) => server,
         Err(error) => {
@@ -54,6 +62,10 @@ fn serve(args: roomcast::config::ServerArgs) -> ExitCode {
     let address = server.local_addr();
     // The banner goes to standard output (§11); tests read the first line for the port.
     println!("roomcast listening on http://{address}");
+    println!(
+        "open http://{}/ in a browser for the demo chat",
+        browsable(address)
+    );
     if let Some(token) = server.demo_token("demo") {
         println!("demo mode: no --jwt-secret given, a random secret is in use");
         println!("connect: ws://{address}/ws?token={token}");
@@ -66,4 +78,16 @@ fn serve(args: roomcast::config::ServerArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The address a browser on this machine can open: a wildcard listen address
+/// (`0.0.0.0`, `[::]`) is not one, so it becomes loopback.
+fn browsable(address: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let ip = match address.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    std::net::SocketAddr::new(ip, address.port())
 }

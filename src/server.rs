@@ -313,6 +313,8 @@ pub struct Server {
     /// Connections with an API request waiting for Redis, by serial.
     api_waiting: std::collections::HashMap<u64, usize>,
     next_serial: u64,
+    /// With `--state-file` (and no `--redis`): the periodic writes of the rooms.
+    snapshots: Option<state::Snapshots>,
 }
 
 /// What a server timer is for.
@@ -322,6 +324,8 @@ enum ServerTimer {
     Deadline(usize),
     /// This connection's turn to be closed during the drain.
     DrainClose(usize),
+    /// Time to hand the rooms to the `--state-file` writer, if they changed.
+    StateSnapshot,
 }
 
 impl Server {
@@ -378,12 +382,11 @@ impl Server {
                 hub.enable_cluster(process, now_ms());
                 Some(bridge)
             }
-            None => {
-                if let Some(path) = &args.state_file {
-                    restore_state(&mut hub, path);
-                }
-                None
-            }
+            None => None,
+        };
+        let snapshots = match (&args.state_file, &bridge) {
+            (Some(path), None) => restore_state(&mut hub, path),
+            _ => None,
         };
         Ok(Server {
             poll,
@@ -412,6 +415,7 @@ impl Server {
             api_answers: Vec::new(),
             api_waiting: std::collections::HashMap::new(),
             next_serial: 0,
+            snapshots,
         })
     }
 
@@ -441,6 +445,12 @@ impl Server {
         let mut closes = Vec::new();
         let mut next_summary = now_ms() + SUMMARY_INTERVAL_MS;
         let mut last_summary = self.hub.metrics().clone();
+        if self.snapshots.is_some() {
+            self.timers.schedule(
+                now_ms() + state::SNAPSHOT_INTERVAL_MS,
+                ServerTimer::StateSnapshot,
+            );
+        }
         loop {
             let now = now_ms();
             let timeout = self.poll_timeout(now, next_summary);
@@ -880,6 +890,19 @@ impl Server {
                         handshake::response_with(400, JSON, json.as_bytes(), &[], false)
                     }
                 }
+            }
+            HttpRoute::TokenCheck(check) => {
+                let (status, json) = check.answer();
+                if status != 200 {
+                    self.hub.metrics_mut().reject(RejectReason::Unauthorized);
+                }
+                handshake::response_with(
+                    status,
+                    JSON,
+                    json.as_bytes(),
+                    &[("Cache-Control", "no-store")],
+                    keep_alive,
+                )
             }
             HttpRoute::DemoToken { name } => {
                 let Some(secret) = &self.demo_secret else {
@@ -1368,6 +1391,7 @@ impl Server {
             match timer {
                 ServerTimer::Deadline(key) => self.deadline_passed(key, now),
                 ServerTimer::DrainClose(key) => self.drain_close(key, now),
+                ServerTimer::StateSnapshot => self.snapshot_state(now),
             }
         }
         self.due = due;
@@ -1477,18 +1501,38 @@ impl Server {
         self.close_websocket(key, CloseCode::Away, reason.into(), now);
     }
 
-    /// Writes `--state-file`, if given, after the drain.
-    fn save_state(&self) {
+    /// Hands the rooms to the `--state-file` writer thread if they changed
+    /// since the last snapshot, so a crash loses at most one interval of
+    /// history; the loop only collects them, the thread writes.
+    fn snapshot_state(&mut self, now: Millis) {
+        let Some(snapshots) = &mut self.snapshots else {
+            return;
+        };
+        let hub = &self.hub;
+        snapshots.offer(hub.room_changes(), || hub.export_rooms());
+        self.timers.schedule(
+            now + state::SNAPSHOT_INTERVAL_MS,
+            ServerTimer::StateSnapshot,
+        );
+    }
+
+    /// Writes `--state-file`, if given, after the drain, marked clean: the
+    /// next start keeps the rooms' epochs.
+    fn save_state(&mut self) {
         let Some(path) = &self.args.state_file else {
             return;
         };
         if self.bridge.is_some() {
             return;
         }
+        // A periodic write still running must land first, or its older,
+        // unclean snapshot would replace this one.
+        if let Some(snapshots) = self.snapshots.take() {
+            snapshots.finish();
+        }
         let rooms = self.hub.export_rooms();
-        let count = rooms.len();
-        match state::save(path, rooms) {
-            Ok(()) => info!("saved {count} room(s) to {}", path.display()),
+        match state::save(path, &rooms, state::Mark::CleanShutdown) {
+            Ok(()) => info!("saved {} room(s) to {}", rooms.len(), path.display()),
             Err(error) => error!("cannot save state to {}: {error}", path.display()),
         }
     }
@@ -1515,13 +1559,24 @@ fn shuffle(items: &mut [usize]) {
     }
 }
 
-/// Loads `--state-file` into the hub; a bad file is set aside and the server starts fresh.
-fn restore_state(hub: &mut Hub, path: &std::path::Path) {
+/// Loads `--state-file` into the hub (a bad file is set aside and the server
+/// starts fresh), marks the file unclean for as long as the run lasts, and
+/// starts the periodic writes. Never fails the start.
+fn restore_state(hub: &mut Hub, path: &std::path::Path) -> Option<state::Snapshots> {
     let now = now_ms();
-    match state::load(path, now / 1000) {
+    let new_epoch = || crate::hub::random_epoch().into_string();
+    let (loaded, marked) = state::open_for_run(path, now / 1000, new_epoch);
+    match loaded {
         state::Loaded::Fresh => info!("no state file at {}; starting fresh", path.display()),
-        state::Loaded::Rooms(rooms) => {
+        state::Loaded::Rooms { rooms, clean } => {
             info!("loaded {} room(s) from {}", rooms.len(), path.display());
+            if !clean {
+                warn!(
+                    "state file {} was not saved by a clean shutdown: {} rooms start new epochs",
+                    path.display(),
+                    rooms.len()
+                );
+            }
             hub.import_rooms(rooms, now);
         }
         state::Loaded::SetAside { error, moved_to } => match moved_to {
@@ -1531,6 +1586,19 @@ fn restore_state(hub: &mut Hub, path: &std::path::Path) {
             ),
             None => warn!("{error}; could not move it aside, starting fresh"),
         },
+    }
+    if let Err(error) = marked {
+        error!(
+            "cannot mark state file {} as in use: {error}; a crash would go unnoticed at the next start",
+            path.display()
+        );
+    }
+    match state::Snapshots::start(path.to_path_buf(), hub.room_changes()) {
+        Ok(snapshots) => Some(snapshots),
+        Err(error) => {
+            error!("cannot start the state snapshot thread: {error}; the rooms are saved only on shutdown");
+            None
+        }
     }
 }
 

@@ -1687,3 +1687,372 @@ fn environment_variable_takes_effect_and_flag_wins() {
         "origin outside the env list",
     );
 }
+
+// ===========================================================================
+// The first hour: empty secrets, the banner, --listen, /token/check
+// ===========================================================================
+
+#[test]
+fn an_empty_secret_or_key_exits_2() {
+    let listen = ["--listen", "127.0.0.1:0"];
+    let cases: [(&str, Vec<&str>, Vec<(&str, &str)>, &str); 6] = [
+        (
+            "empty --jwt-secret",
+            vec!["--jwt-secret", ""],
+            vec![],
+            "--jwt-secret",
+        ),
+        (
+            "empty --api-key",
+            vec!["--jwt-secret", common::SECRET, "--api-key", ""],
+            vec![],
+            "--api-key",
+        ),
+        (
+            "ROOMCAST_JWT_SECRET set but empty",
+            vec![],
+            vec![("ROOMCAST_JWT_SECRET", "")],
+            "ROOMCAST_JWT_SECRET",
+        ),
+        (
+            "ROOMCAST_API_KEY set but empty",
+            vec![],
+            vec![
+                ("ROOMCAST_JWT_SECRET", common::SECRET),
+                ("ROOMCAST_API_KEY", ""),
+            ],
+            "ROOMCAST_API_KEY",
+        ),
+        (
+            "ROOMCAST_ALLOWED_ORIGIN set but empty (it would allow every origin)",
+            vec![],
+            vec![("ROOMCAST_ALLOWED_ORIGIN", "")],
+            "ROOMCAST_ALLOWED_ORIGIN",
+        ),
+        (
+            "token --secret empty",
+            vec!["token", "--secret", "", "--sub", "admin"],
+            vec![],
+            "--secret",
+        ),
+    ];
+    for (what, args, env, named) in cases {
+        let mut all: Vec<&str> = if args.first() == Some(&"token") {
+            Vec::new()
+        } else {
+            listen.to_vec()
+        };
+        all.extend(args);
+        let (status, stdout, stderr) = run_to_exit(&all, &env);
+        assert_eq!(status.code(), Some(2), "{what}: {status}, stderr {stderr}");
+        assert!(
+            stdout.is_empty(),
+            "{what}: nothing minted or served: {stdout}"
+        );
+        assert!(stderr.contains(named), "{what}: names {named}: {stderr}");
+    }
+}
+
+#[test]
+fn a_bad_environment_value_names_the_variable() {
+    let (status, _, stderr) = run_to_exit(
+        &["--listen", "127.0.0.1:0"],
+        &[("ROOMCAST_HISTORY", "lots")],
+    );
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("ROOMCAST_HISTORY"), "{stderr}");
+    // Typed on the command line, the flag is what the message names.
+    let (status, _, stderr) = run_to_exit(&["--listen", "127.0.0.1:0", "--history", "lots"], &[]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--history") && !stderr.contains("ROOMCAST_"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn token_ttl_must_be_positive() {
+    for ttl in ["0", "-5", "soon"] {
+        let (status, stdout, stderr) = run_to_exit(
+            &[
+                "token",
+                "--secret",
+                common::SECRET,
+                "--sub",
+                "a",
+                "--ttl",
+                ttl,
+            ],
+            &[],
+        );
+        assert_eq!(status.code(), Some(2), "--ttl {ttl}: {stderr}");
+        assert!(stdout.is_empty(), "--ttl {ttl} minted {stdout}");
+        assert!(stderr.contains("--ttl"), "{stderr}");
+    }
+    let (status, stdout, _) = run_to_exit(
+        &[
+            "token",
+            "--secret",
+            common::SECRET,
+            "--sub",
+            "a",
+            "--ttl",
+            "1",
+        ],
+        &[],
+    );
+    assert!(status.success());
+    let exp = claims_of(stdout.trim())["exp"].as_u64().expect("exp");
+    assert!(exp > now_secs() - 5 && exp <= now_secs() + 1, "exp {exp}");
+}
+
+#[test]
+fn listen_resolves_a_host_name_and_a_bad_value_shows_an_example() {
+    let mut child = roomcast_command(
+        &["--jwt-secret", common::SECRET, "--listen", "localhost:0"],
+        &[],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .expect("start roomcast");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .expect("banner");
+    let addr: SocketAddr = first
+        .trim()
+        .rsplit("http://")
+        .next()
+        .and_then(|address| address.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected banner line {first:?}"));
+    assert!(addr.ip().is_loopback(), "{addr}");
+    let upgraded = std::panic::catch_unwind(|| {
+        let (mut stream, mut buffer) =
+            assert_upgraded(addr, &upgrade(&ws_path("host-name"), &[]), "over localhost");
+        read_json(&mut stream, &mut buffer)["type"].clone()
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(upgraded.expect("upgraded over localhost"), "welcome");
+
+    for bad in [
+        "nope",
+        "localhost",
+        "127.0.0.1:http",
+        "no-such-host.invalid:80",
+    ] {
+        let (status, _, stderr) = run_to_exit(&["--listen", bad], &[]);
+        assert_eq!(status.code(), Some(2), "--listen {bad}: {stderr}");
+        assert!(
+            stderr.contains("127.0.0.1:8080") && stderr.contains("localhost:8080"),
+            "--listen {bad}: the message shows accepted forms: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn the_banner_says_where_to_point_a_browser() {
+    let server = TestServer::start_raw(&[]);
+    let page = format!("open http://{}/", server.addr);
+    assert!(
+        server.banner.iter().any(|line| line.starts_with(&page)),
+        "{page} in {:?}",
+        server.banner
+    );
+    let answer = exchange(
+        server.addr,
+        request("GET / HTTP/1.1", &["Host: x"]).as_bytes(),
+    );
+    assert_eq!(answer.status, 200);
+    assert!(answer.body.contains("<html") || answer.body.contains("<!doctype"));
+}
+
+#[test]
+fn a_short_secret_is_warned_about_at_start() {
+    let mut child = roomcast_command(
+        &["--listen", "127.0.0.1:0", "--jwt-secret", "0123456789"],
+        &[],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start roomcast");
+    let mut reader = BufReader::new(child.stderr.take().unwrap());
+    let mut warning = None;
+    for _ in 0..20 {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        if line.contains("WARN") && line.contains("--jwt-secret") {
+            warning = Some(line);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let warning = warning.expect("a warning about the 10-byte secret");
+    assert!(
+        warning.contains("10 bytes") && warning.contains("32"),
+        "{warning}"
+    );
+    // A 32-byte secret starts without one (checked through the first log lines).
+    let mut child = roomcast_command(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--jwt-secret",
+            "0123456789abcdef0123456789abcdef",
+            "--log-level",
+            "warn",
+        ],
+        &[],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start roomcast");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).expect("banner");
+    assert!(first.contains("listening on"), "{first}");
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut errors = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut errors);
+    assert!(!errors.contains("--jwt-secret"), "{errors}");
+}
+
+/// `GET /token/check` with this target and extra headers: (status, body, Cache-Control).
+fn token_check(addr: SocketAddr, target: &str, headers: &[&str]) -> (u16, Value, Option<String>) {
+    let mut all = vec!["Host: x"];
+    all.extend_from_slice(headers);
+    let answer = exchange(
+        addr,
+        request(&format!("GET {target} HTTP/1.1"), &all).as_bytes(),
+    );
+    let body = serde_json::from_str(&answer.body).unwrap_or(Value::Null);
+    (answer.status, body, answer.header("cache-control"))
+}
+
+fn unauthorized_count(addr: SocketAddr) -> u64 {
+    let answer = exchange(
+        addr,
+        request("GET /api/stats HTTP/1.1", &["Host: x"]).as_bytes(),
+    );
+    let stats: Value = serde_json::from_str(&answer.body).expect("stats JSON");
+    stats["handshakes_rejected_total"]["unauthorized"]
+        .as_u64()
+        .expect("unauthorized count")
+}
+
+#[test]
+fn token_check_answers_every_code() {
+    let server = TestServer::start(&[]);
+    let addr = server.addr;
+    let secret = common::SECRET.as_bytes();
+    let now = now_secs();
+
+    // A valid token: the user and its expiry, not cached.
+    let valid = token_with(TokenClaims {
+        sub: "alice".into(),
+        name: Some("Alice".into()),
+        expires_at: Some(now + 600),
+        rooms: None,
+    });
+    let (status, body, cache) = token_check(addr, &format!("/token/check?token={valid}"), &[]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["user"], json!({"id": "alice", "name": "Alice"}));
+    assert_eq!(body["exp"], now + 600);
+    assert_eq!(cache.as_deref(), Some("no-store"));
+    // No exp: null. The cookie is read when there is no query token.
+    let cookie = format!("Cookie: roomcast_token={}", token("bob"));
+    let (status, body, _) = token_check(addr, "/token/check", &[&cookie]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["user"]["id"], "bob");
+    assert_eq!(body["exp"], Value::Null);
+
+    let before = unauthorized_count(addr);
+    let cases = [
+        ("/token/check".to_string(), "missing"),
+        ("/token/check?token=".to_string(), "missing"),
+        ("/token/check?token=garbage".to_string(), "malformed"),
+        ("/token/check?token=a.b.c".to_string(), "malformed"),
+        (
+            format!(
+                "/token/check?token={}",
+                hs256(b"another-secret", std_header(), json!({"sub": "a"}))
+            ),
+            "bad_signature",
+        ),
+        (
+            format!(
+                "/token/check?token={}",
+                hs512(secret, json!({"alg": "HS512"}), json!({"sub": "a"}))
+            ),
+            "bad_signature",
+        ),
+        (
+            format!(
+                "/token/check?token={}.",
+                signing_input(&json!({"alg": "none"}), &json!({"sub": "a"}))
+            ),
+            "bad_signature",
+        ),
+        (
+            format!(
+                "/token/check?token={}",
+                hs256(secret, std_header(), json!({"sub": "a", "exp": now - 10}))
+            ),
+            "expired",
+        ),
+        (
+            format!(
+                "/token/check?token={}",
+                hs256(secret, std_header(), json!({"sub": "a", "nbf": now + 600}))
+            ),
+            "not_yet_valid",
+        ),
+        (
+            format!(
+                "/token/check?token={}",
+                hs256(secret, std_header(), json!({"name": "no subject"}))
+            ),
+            "invalid_claims",
+        ),
+        (
+            format!(
+                "/token/check?token={}",
+                hs256(secret, std_header(), json!({"sub": "a", "rooms": "lobby"}))
+            ),
+            "invalid_claims",
+        ),
+    ];
+    for (target, code) in &cases {
+        let (status, body, cache) = token_check(addr, target, &[]);
+        assert_eq!(status, 401, "{target}: {body}");
+        assert_eq!(body, json!({"error": code}), "{target}");
+        assert_eq!(cache.as_deref(), Some("no-store"), "{target}");
+        // The upgrade with the same token is refused too: the check predicts it.
+        let upgrade_target = target.replacen("/token/check", "/ws", 1);
+        assert_refused(addr, &upgrade(&upgrade_target, &[]), 401, target);
+    }
+    // Each refused check and each refused upgrade counts as `unauthorized`.
+    assert_eq!(
+        unauthorized_count(addr),
+        before + 2 * cases.len() as u64,
+        "refused checks count like refused upgrades"
+    );
+
+    // Only GET.
+    let answer = exchange(
+        addr,
+        request(
+            "POST /token/check HTTP/1.1",
+            &["Host: x", "Content-Length: 0"],
+        )
+        .as_bytes(),
+    );
+    assert_eq!(answer.status, 405);
+    assert_eq!(answer.header("allow").as_deref(), Some("GET"));
+}

@@ -16,7 +16,7 @@ use tungstenite::{Message, WebSocket};
 pub const WAIT: Duration = Duration::from_secs(10);
 
 /// The secret every test server is started with.
-pub const SECRET: &str = "test-secret";
+pub const SECRET: &str = "roomcast-test-secret-of-32-bytes";
 
 /// A running server process, killed on drop.
 pub struct TestServer {
@@ -56,7 +56,7 @@ impl TestServer {
         let mut banner = Vec::new();
         // The demo banner is printed right after the first line; read what is there.
         if extra.iter().all(|a| *a != "--jwt-secret") {
-            for _ in 0..3 {
+            for _ in 0..4 {
                 let mut line = String::new();
                 if reader.read_line(&mut line).unwrap_or(0) == 0 {
                     break;

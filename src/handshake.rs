@@ -22,9 +22,9 @@
 //!   query); only the room segment of `/ws/{room}` is decoded, with `+` kept.
 //!   Query values are form-decoded (`+` is a space), the first occurrence of a
 //!   parameter wins, and an empty `name` counts as no name.
-//! - Header names are matched case-insensitively. For single-valued headers
-//!   (`Sec-WebSocket-Key`, `Sec-WebSocket-Version`, `Origin`) the first line
-//!   wins. The list-valued ones (`Upgrade`, `Connection`, `Cookie`) are read
+//! - Header names are matched case-insensitively. `Sec-WebSocket-Key` must
+//!   appear once (RFC 6455 §11.3.1, else `400`); for the other single-valued
+//!   headers (`Sec-WebSocket-Version`, `Origin`) the first line wins. The list-valued ones (`Upgrade`, `Connection`, `Cookie`) are read
 //!   across all their lines, as HTTP defines a repeated list header to mean the
 //!   concatenation (a proxy may split `Connection: keep-alive, Upgrade`).
 //! - `Host` is not required: it carries nothing this server uses.
@@ -607,8 +607,11 @@ fn decide_request(
         return reject(RejectReason::BadRequest);
     }
 
+    // A `Connection` header without the `upgrade` token (`close`,
+    // `keep-alive`) is not an upgrade header: such a request is a plain GET,
+    // answered 426 like one without any (§1, §11).
     let has_upgrade = header_lines(headers, "upgrade").next().is_some();
-    let has_connection = header_lines(headers, "connection").next().is_some();
+    let has_connection = list_has_token(headers, "connection", b"upgrade");
     match (has_upgrade, has_connection) {
         (false, false) => {
             return reject_with(RejectReason::UpgradeRequired, &[("Upgrade", "websocket")]);
@@ -616,9 +619,11 @@ fn decide_request(
         (true, true) => {}
         _ => return reject(RejectReason::BadRequest),
     }
-    if !list_has_token(headers, "upgrade", b"websocket")
-        || !list_has_token(headers, "connection", b"upgrade")
-    {
+    if !list_has_token(headers, "upgrade", b"websocket") {
+        return reject(RejectReason::BadRequest);
+    }
+    // RFC 6455 §11.3.1: the key must not appear more than once.
+    if header_lines(headers, "sec-websocket-key").nth(1).is_some() {
         return reject(RejectReason::BadRequest);
     }
     let Some(key) = first_header(headers, "sec-websocket-key") else {
@@ -1080,6 +1085,28 @@ mod tests {
             let upgrade = ws(&target.replacen("/token/check", "/ws", 1), headers);
             assert_reject(&Setup::new().decide(&upgrade), RejectReason::Unauthorized);
         }
+    }
+
+    #[test]
+    fn connection_without_the_upgrade_token_is_a_plain_get() {
+        let setup = Setup::new();
+        for headers in ["Connection: close\r\n", "Connection: keep-alive\r\n"] {
+            assert_reject(
+                &setup.decide(&raw("GET", "/ws", headers)),
+                RejectReason::UpgradeRequired,
+            );
+        }
+        let upgrade_only = "Upgrade: websocket\r\nConnection: keep-alive\r\n";
+        assert_reject(
+            &setup.decide(&raw("GET", "/ws", upgrade_only)),
+            RejectReason::BadRequest,
+        );
+    }
+
+    #[test]
+    fn a_repeated_key_is_refused() {
+        let request = ws_token("/ws", &format!("Sec-WebSocket-Key: {SAMPLE_KEY}\r\n"));
+        assert_reject(&Setup::new().decide(&request), RejectReason::BadRequest);
     }
 
     #[test]

@@ -585,6 +585,22 @@ fn ws_without_upgrade_headers_is_426() {
             "GET /ws/lobby without upgrade headers",
             request("GET /ws/lobby HTTP/1.1", &["Host: x"]),
         ),
+        (
+            "Connection: close and no Upgrade",
+            request("GET /ws HTTP/1.1", &["Host: x", "Connection: close"]),
+        ),
+        (
+            "Connection: keep-alive, key and version, no Upgrade",
+            request(
+                &format!("GET {target} HTTP/1.1"),
+                &[
+                    "Host: x",
+                    "Connection: keep-alive",
+                    &key,
+                    "Sec-WebSocket-Version: 13",
+                ],
+            ),
+        ),
     ] {
         assert_refused(server.addr, &req, 426, what);
     }
@@ -604,9 +620,33 @@ fn only_one_of_upgrade_and_connection_is_400() {
             "only Connection",
             vec!["Connection: Upgrade", &key, "Sec-WebSocket-Version: 13"],
         ),
+        (
+            "Upgrade with a Connection header lacking the upgrade token",
+            vec![
+                "Upgrade: websocket",
+                "Connection: keep-alive",
+                &key,
+                "Sec-WebSocket-Version: 13",
+            ],
+        ),
     ] {
         assert_refused(server.addr, &request(&line, &headers), 400, what);
     }
+}
+
+#[test]
+fn a_repeated_websocket_key_is_400() {
+    let server = TestServer::start(&[]);
+    let key = format!("Sec-WebSocket-Key: {KEY}");
+    let other = "Sec-WebSocket-Key: AQIDBAUGBwgJCgsMDQ4PEA==";
+    for (what, extra) in [
+        ("the same key twice", vec![key.as_str()]),
+        ("two different keys", vec![other]),
+    ] {
+        assert_refused(server.addr, &upgrade(&ws_path("u"), &extra), 400, what);
+    }
+    // One key still upgrades.
+    assert_upgraded(server.addr, &upgrade(&ws_path("u"), &[]), "one key");
 }
 
 #[test]

@@ -206,6 +206,9 @@ pub struct Hub {
     metrics: Metrics,
     /// With `--redis`: the cluster side (`hub_cluster.rs`).
     cluster: Option<Box<cluster_mode::ClusterState>>,
+    /// Bumped by every change `export_rooms` would show (a publish, a room
+    /// created or forgotten), so `--state-file` snapshots skip quiet periods.
+    room_changes: u64,
 }
 
 /// A failed request: the error frame's code and text.
@@ -243,6 +246,7 @@ impl Hub {
             evicted: Vec::new(),
             metrics: Metrics::default(),
             cluster: None,
+            room_changes: 0,
         }
     }
 
@@ -639,6 +643,7 @@ impl Hub {
         };
         let room_id = self.rooms.insert(room);
         self.room_ids.insert(name.into(), room_id);
+        self.room_changes += 1;
         if self.cluster.is_some() {
             self.cluster_subscribe(room_id);
         } else {
@@ -783,6 +788,7 @@ impl Hub {
         };
         room.seq += 1;
         let seq = room.seq;
+        self.room_changes += 1;
         let content = content.get();
         let frame = FrameBuilder::with_capacity(
             "message",
@@ -1108,6 +1114,7 @@ impl Hub {
         if forget {
             let room = self.rooms.remove(room_id);
             self.room_ids.remove(&room.name);
+            self.room_changes += 1;
         }
     }
 
@@ -1386,6 +1393,11 @@ impl Hub {
         }
     }
 
+    /// A count that moves whenever `export_rooms` would give something new.
+    pub fn room_changes(&self) -> u64 {
+        self.room_changes
+    }
+
     /// Rooms the hub knows, members or not (for tests and metrics).
     pub fn known_room_count(&self) -> usize {
         self.rooms.len()
@@ -1565,7 +1577,8 @@ fn truncated(text: &str) -> &str {
 }
 
 /// A fresh epoch: 128 random bits as hex, so two lives of a room never share one.
-fn random_epoch() -> Box<str> {
+/// Also the new epoch of a room restored after an unclean stop (`state`).
+pub(crate) fn random_epoch() -> Box<str> {
     let mut bytes = [0u8; 16];
     if getrandom::fill(&mut bytes).is_err() {
         // No OS randomness: fall back to the clock and a counter, still unique per process.

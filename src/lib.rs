@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+pub mod accept_pause;
 pub mod assets;
 pub mod auth;
 pub mod bridge;

@@ -1,5 +1,6 @@
 //! The `roomcast` binary: parse flags, then mint a token or run the server.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use roomcast::auth::{self, TokenClaims};
@@ -60,17 +61,23 @@ fn serve(args: roomcast::config::ServerArgs) -> ExitCode {
         }
     };
     let address = server.local_addr();
-    // The banner goes to standard output (§11); tests read the first line for the port.
-    println!("roomcast listening on http://{address}");
-    println!(
-        "open http://{}/ in a browser for the demo chat",
+    // The banner goes to standard output (§11); tests read the first line for
+    // the port. A closed or full standard output must not stop the server, so
+    // write errors are ignored (`println!` would panic on a broken pipe).
+    let mut banner = format!(
+        "roomcast listening on http://{address}\nopen http://{}/ in a browser for the demo chat\n",
         browsable(address)
     );
     if let Some(token) = server.demo_token("demo") {
-        println!("demo mode: no --jwt-secret given, a random secret is in use");
-        println!("connect: ws://{address}/ws?token={token}");
-        println!("more guest tokens: http://{address}/demo/token?name=YOUR_NAME");
+        banner.push_str("demo mode: no --jwt-secret given, a random secret is in use\n");
+        banner.push_str(&format!("connect: ws://{address}/ws?token={token}\n"));
+        banner.push_str(&format!(
+            "more guest tokens: http://{address}/demo/token?name=YOUR_NAME\n"
+        ));
     }
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
+    drop(out);
     match server.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

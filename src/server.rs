@@ -24,6 +24,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext};
 use tungstenite::{Message, Utf8Bytes};
 
+use crate::accept_pause::{ACCEPT_PAUSE_MS, AcceptPause};
 use crate::assets;
 use crate::auth::{self, TokenClaims, Verifier};
 use crate::bridge::Bridge;
@@ -71,9 +72,6 @@ const SUMMARY_INTERVAL_MS: Millis = 60_000;
 
 /// The most a shutdown waits for clients to take their close frames.
 const SHUTDOWN_FLUSH_MS: Millis = 1500;
-
-/// How long accepting pauses after EMFILE/ENFILE.
-const ACCEPT_PAUSE_MS: Millis = 100;
 
 /// Linux `EMFILE` and `ENFILE`: the process or the system is out of file descriptors.
 const EMFILE: i32 = 24;
@@ -302,7 +300,7 @@ pub struct Server {
     /// When the process exits, once a signal asked it to stop.
     shutting_down: Option<Millis>,
     /// Accepting is paused until then after the process ran out of file descriptors.
-    accept_paused_until: Option<Millis>,
+    accept_pause: AcceptPause,
     /// With `--redis`: the helper threads that talk to Redis.
     bridge: Option<Bridge>,
     /// Bridge events were left for the next iteration.
@@ -403,7 +401,7 @@ impl Server {
             staging: Staging::new(),
             timers: Deadlines::new(),
             due: Vec::new(),
-            accept_paused_until: None,
+            accept_pause: AcceptPause::default(),
             http_dirty: Vec::new(),
             read_again: Vec::new(),
             reading_again: Vec::new(),
@@ -480,7 +478,7 @@ impl Server {
                 }
                 self.apply_hub_closes(&mut closes, now);
             }
-            if self.accept_paused_until.is_some_and(|until| now >= until) {
+            if self.accept_pause.is_due(now) {
                 self.accept(now);
             }
             if self.bridge_backlog {
@@ -531,7 +529,7 @@ impl Server {
         if let Some(deadline) = self.timers.next_due() {
             wake = wake.min(deadline);
         }
-        if let Some(until) = self.accept_paused_until {
+        if let Some(until) = self.accept_pause.resume_at() {
             wake = wake.min(until);
         }
         if let Some(deadline) = self.shutting_down {
@@ -544,11 +542,8 @@ impl Server {
     }
 
     fn accept(&mut self, now: Millis) {
-        if self.accept_paused_until.is_some_and(|until| now < until) {
+        if self.accept_pause.is_paused(now) {
             return;
-        }
-        if self.accept_paused_until.take().is_some() {
-            debug!("resuming accepts");
         }
         loop {
             let Some(listener) = self.listener.as_ref() else {
@@ -556,6 +551,7 @@ impl Server {
             };
             match listener.accept() {
                 Ok((mut socket, peer)) => {
+                    self.accepting_works(now);
                     let _ = socket.set_nodelay(true);
                     let entry = self.connections.vacant_entry();
                     let key = entry.key();
@@ -585,18 +581,20 @@ impl Server {
                     });
                     self.timers.schedule(deadline, ServerTimer::Deadline(key));
                 }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    self.accepting_works(now);
+                    return;
+                }
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(error) if is_out_of_descriptors(&error) => {
                     // The pending connections stay in the backlog; retrying now would
                     // spin. Pause, and let the poll timeout bring us back.
-                    if self.accept_paused_until.is_none() {
+                    if self.accept_pause.refused(now) {
                         warn!(
-                            "accept failed: {error}; pausing accepts for {ACCEPT_PAUSE_MS} ms ({} connections open)",
+                            "accept failed: {error}; retrying every {ACCEPT_PAUSE_MS} ms until descriptors free up ({} connections open)",
                             self.connections.len()
                         );
                     }
-                    self.accept_paused_until = Some(now + ACCEPT_PAUSE_MS);
                     return;
                 }
                 Err(error) => {
@@ -605,6 +603,17 @@ impl Server {
                     continue;
                 }
             }
+        }
+    }
+
+    /// Logs the end of an accept outage, once.
+    fn accepting_works(&mut self, now: Millis) {
+        if let Some(outage) = self.accept_pause.worked() {
+            info!(
+                "accepting again after {} ms out of file descriptors; {} attempt(s) refused meanwhile",
+                now.saturating_sub(outage.since),
+                outage.refused
+            );
         }
     }
 
@@ -1596,7 +1605,9 @@ fn restore_state(hub: &mut Hub, path: &std::path::Path) -> Option<state::Snapsho
     match state::Snapshots::start(path.to_path_buf(), hub.room_changes()) {
         Ok(snapshots) => Some(snapshots),
         Err(error) => {
-            error!("cannot start the state snapshot thread: {error}; the rooms are saved only on shutdown");
+            error!(
+                "cannot start the state snapshot thread: {error}; the rooms are saved only on shutdown"
+            );
             None
         }
     }

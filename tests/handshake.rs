@@ -1735,7 +1735,9 @@ fn environment_variable_takes_effect_and_flag_wins() {
 #[test]
 fn an_empty_secret_or_key_exits_2() {
     let listen = ["--listen", "127.0.0.1:0"];
-    let cases: [(&str, Vec<&str>, Vec<(&str, &str)>, &str); 6] = [
+    /// What is tested, the arguments, the environment, what the message names.
+    type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: [Case<'_>; 6] = [
         (
             "empty --jwt-secret",
             vec!["--jwt-secret", ""],
@@ -1856,9 +1858,10 @@ fn listen_resolves_a_host_name_and_a_bad_value_shows_an_example() {
     .spawn()
     .expect("start roomcast");
     let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .expect("banner");
+    let mut banner = BufReader::new(child.stdout.take().unwrap());
+    banner.read_line(&mut first).expect("banner");
+    // Keep reading so the server's later banner lines find a reader.
+    std::thread::spawn(move || std::io::copy(&mut banner, &mut std::io::sink()));
     let addr: SocketAddr = first
         .trim()
         .rsplit("http://")

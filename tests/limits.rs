@@ -804,14 +804,18 @@ struct FdLimitedServer {
 
 impl FdLimitedServer {
     fn start(limit: u32) -> Self {
+        Self::start_logging(limit, "error", Stdio::inherit())
+    }
+
+    fn start_logging(limit: u32, level: &str, stderr: Stdio) -> Self {
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
             .arg(env!("CARGO_BIN_EXE_roomcast"))
-            .args(["--listen", "127.0.0.1:0", "--log-level", "error"])
+            .args(["--listen", "127.0.0.1:0", "--log-level", level])
             .args(["--jwt-secret", SECRET])
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start roomcast under ulimit");
         let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
@@ -923,6 +927,62 @@ fn out_of_descriptors_pauses_accepting_and_recovers() {
         server.child.try_wait().unwrap().is_none(),
         "the server died"
     );
+}
+
+#[test]
+fn an_accept_outage_is_logged_when_it_starts_and_when_it_ends() {
+    const LIMIT: usize = 40;
+    let mut server = FdLimitedServer::start_logging(LIMIT as u32, "info", Stdio::piped());
+    let (lines, log) = std::sync::mpsc::channel::<String>();
+    let stderr = server.child.stderr.take().expect("stderr");
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut held = Vec::new();
+    while server.fds_below(LIMIT) < LIMIT {
+        assert!(held.len() < 60, "the descriptor limit was not in force");
+        held.push(server.connect(&format!("h{}", held.len())));
+    }
+    let mut waiting = raw_connect(server.addr);
+    waiting.write_all(HEALTH).unwrap();
+    let mut seen = Vec::new();
+    let next_line = |seen: &mut Vec<String>| {
+        let line = log.recv_timeout(WAIT).expect("a log line");
+        seen.push(line.clone());
+        line
+    };
+    while !next_line(&mut seen).contains("accept failed") {}
+    // The retries run on a 100 ms timer with no outside event to await:
+    // give them time to fail several times, which used to log each time.
+    thread::sleep(Duration::from_millis(450));
+    drop(held);
+    let mut answer = Vec::new();
+    waiting
+        .read_to_end(&mut answer)
+        .expect("served once descriptors are free");
+    assert_eq!(status_of(&String::from_utf8_lossy(&answer)), 200);
+    let summary = loop {
+        let line = next_line(&mut seen);
+        if line.contains("accepting again") {
+            break line;
+        }
+    };
+    let failures = seen
+        .iter()
+        .filter(|line| line.contains("accept failed"))
+        .count();
+    assert_eq!(failures, 1, "the outage is logged once: {seen:#?}");
+    let refused: u64 = summary
+        .split_whitespace()
+        .zip(summary.split_whitespace().skip(1))
+        .find(|(_, next)| next.starts_with("attempt"))
+        .and_then(|(count, _)| count.parse().ok())
+        .unwrap_or_else(|| panic!("a count of refused attempts in {summary:?}"));
+    assert!(refused >= 2, "several retries were refused: {summary}");
 }
 
 // ===========================================================================

@@ -225,6 +225,24 @@ fn check_decision(decision: &Decision, buffer: &[u8], policy: &Policy<'_>) {
                 | HttpRoute::Stats
                 | HttpRoute::Publish
                 | HttpRoute::Disconnect => {}
+                HttpRoute::TokenCheck(check) => {
+                    // The check answers for any token, and a refusal names a
+                    // code of the contract (§1).
+                    if let roomcast::handshake::TokenCheck::Refused(code) = check {
+                        assert!(
+                            [
+                                "missing",
+                                "malformed",
+                                "bad_signature",
+                                "expired",
+                                "not_yet_valid",
+                                "invalid_claims"
+                            ]
+                            .contains(code),
+                            "unknown token check code {code}"
+                        );
+                    }
+                }
                 HttpRoute::DemoToken { name } => {
                     assert!(policy.demo_mode, "demo token outside demo mode");
                     assert!(name.as_deref() != Some(""), "empty name kept");

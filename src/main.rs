@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use roomcast::auth::{self, TokenClaims};
 use roomcast::config::{Command, SHORT_SECRET_BYTES, TokenArgs};
-use roomcast::server::{self, Server};
+use roomcast::net::{self as server, Server};
 
 fn main() -> ExitCode {
     let cli = roomcast::config::parse_command_line();

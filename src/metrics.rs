@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use crate::handshake::RejectReason;
+use crate::http::RejectReason;
 
 /// Upper bounds of the loop-iteration histogram, in seconds.
 pub const LOOP_BUCKETS: [f64; 12] = [

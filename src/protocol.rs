@@ -213,11 +213,22 @@ fn is_json_object(raw: &RawValue) -> bool {
 /// `invalid_json`, `invalid_message`, `unknown_type`. Room names are checked by
 /// the hub, which knows the rest of the order.
 pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
-    let invalid = |message: &'static str, id| RequestError {
+    let (id, kind, payload) = parse_envelope(text)?;
+    let body = parse_body(&kind, payload, id)?;
+    Ok(Request { id, body })
+}
+
+/// An `invalid_message` refusal with a fixed text.
+fn invalid<'a>(message: &'static str, id: Option<&'a RawValue>) -> RequestError<'a> {
+    RequestError {
         code: ErrorCode::InvalidMessage,
         message: Cow::Borrowed(message),
         id,
-    };
+    }
+}
+
+/// The envelope's `id`, `type` and payload text (`{}` when absent or null).
+fn parse_envelope(text: &str) -> Result<(Option<&RawValue>, Cow<'_, str>, &str), RequestError<'_>> {
     // serde would also accept a JSON array for a struct (fields by position).
     let trimmed = text.trim_start_matches([' ', '\t', '\n', '\r']);
     if !trimmed.starts_with('{') {
@@ -271,15 +282,23 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
         }
         other => other,
     };
-    let payload_text = payload.map_or("{}", RawValue::get);
+    Ok((id, kind, payload.map_or("{}", RawValue::get)))
+}
+
+/// The request of one `type`, from its payload.
+fn parse_body<'a>(
+    kind: &str,
+    payload: &'a str,
+    id: Option<&'a RawValue>,
+) -> Result<RequestBody<'a>, RequestError<'a>> {
     let shape_error = |error: serde_json::Error| RequestError {
         code: ErrorCode::InvalidMessage,
         message: Cow::Owned(format!("payload: {error}")),
         id,
     };
-    let body = match kind.as_ref() {
+    let body = match kind {
         "join" => {
-            let p: JoinPayload<'_> = serde_json::from_str(payload_text).map_err(shape_error)?;
+            let p: JoinPayload<'_> = serde_json::from_str(payload).map_err(shape_error)?;
             let since = match p.since {
                 None => None,
                 Some(raw) => Some(
@@ -301,48 +320,48 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
             }
         }
         "leave" => {
-            let p: RoomPayload<'_> = serde_json::from_str(payload_text).map_err(shape_error)?;
+            let p: RoomPayload<'_> = serde_json::from_str(payload).map_err(shape_error)?;
             RequestBody::Leave { room: p.room }
         }
         "message" => {
-            let p: MessagePayload<'_> = serde_json::from_str(payload_text).map_err(shape_error)?;
+            let p: MessagePayload<'_> = serde_json::from_str(payload).map_err(shape_error)?;
             RequestBody::Message {
                 room: p.room,
                 content: p.content,
             }
         }
         "direct" => {
-            let p: DirectPayload<'_> = serde_json::from_str(payload_text).map_err(shape_error)?;
+            let p: DirectPayload<'_> = serde_json::from_str(payload).map_err(shape_error)?;
             RequestBody::Direct {
                 to: p.to,
                 content: p.content,
             }
         }
         "typing" => {
-            let p: TypingPayload<'_> = serde_json::from_str(payload_text).map_err(shape_error)?;
+            let p: TypingPayload<'_> = serde_json::from_str(payload).map_err(shape_error)?;
             RequestBody::Typing {
                 room: p.room,
                 is_typing: p.is_typing,
             }
         }
         "presence" => {
-            let p: RoomPayload<'_> = serde_json::from_str(payload_text).map_err(shape_error)?;
+            let p: RoomPayload<'_> = serde_json::from_str(payload).map_err(shape_error)?;
             RequestBody::Presence { room: p.room }
         }
         "ping" => RequestBody::Ping,
         "refresh" => {
-            let p: RefreshPayload<'_> = serde_json::from_str(payload_text).map_err(shape_error)?;
+            let p: RefreshPayload<'_> = serde_json::from_str(payload).map_err(shape_error)?;
             RequestBody::Refresh { token: p.token }
         }
         _ => {
             return Err(RequestError {
                 code: ErrorCode::UnknownType,
-                message: Cow::Owned(format!("unknown type {:?}", truncate(&kind, 64))),
+                message: Cow::Owned(format!("unknown type {:?}", truncate(kind, 64))),
                 id,
             });
         }
     };
-    Ok(Request { id, body })
+    Ok(body)
 }
 
 /// A non-negative JSON integer; one beyond `u64` is still an integer, larger

@@ -6,7 +6,7 @@
 //! Every check is a `panic!`/`assert!`: libFuzzer reports it as a crash, and
 //! the replay test fails on it.
 //!
-//! - [`handshake_head`]: `handshake::decide` on arbitrary bytes under a policy
+//! - [`handshake_head`]: `http::decide` on arbitrary bytes under a policy
 //!   the first input byte picks, fed whole and in read-sized chunks.
 //! - [`envelope`]: `protocol::parse_request` on arbitrary UTF-8, with round
 //!   trips of what it accepts.
@@ -22,7 +22,7 @@ use std::io::{self, Write};
 use std::sync::OnceLock;
 
 use roomcast::auth::{Identity, RoomAccess, TokenClaims, Verifier, sign};
-use roomcast::handshake::{self, Decision, Endpoint, HttpRoute, Policy, RejectReason};
+use roomcast::http::{self, Decision, Endpoint, HttpRoute, Policy, RejectReason, TokenCheck};
 use roomcast::hub::{CloseRequest, ConnId, Hub, HubConfig, Millis};
 use roomcast::outbound::{Marks, Staging};
 use roomcast::protocol::{self, ErrorCode, MAX_ID_BYTES, RequestBody};
@@ -87,13 +87,13 @@ pub fn handshake_head(data: &[u8]) {
         max_body_bytes: if flags & HS_SMALL_BODY != 0 { 16 } else { 4096 },
     };
 
-    let whole = handshake::decide(request, &policy);
+    let whole = http::decide(request, &policy);
     match &whole {
         None => assert!(
-            request.len() <= handshake::MAX_HEAD_BYTES,
+            request.len() <= http::MAX_HEAD_BYTES,
             "no decision on {} bytes (over the {}-byte cap)",
             request.len(),
-            handshake::MAX_HEAD_BYTES
+            http::MAX_HEAD_BYTES
         ),
         Some(decision) => check_decision(decision, request, &policy),
     }
@@ -105,7 +105,7 @@ pub fn handshake_head(data: &[u8]) {
     while end < request.len() {
         end = (end + chunk_len).min(request.len());
         let prefix = &request[..end];
-        if let Some(first) = handshake::decide(prefix, &policy) {
+        if let Some(first) = http::decide(prefix, &policy) {
             check_decision(&first, prefix, &policy);
             let Some(whole) = &whole else {
                 panic!("prefix of {end} bytes decided {first:?}, the whole input nothing");
@@ -149,7 +149,7 @@ fn is_get(buffer: &[u8]) -> bool {
 
 fn check_head_len(head_len: usize, buffer: &[u8]) {
     assert!(
-        head_len <= buffer.len() && head_len <= handshake::MAX_HEAD_BYTES,
+        head_len <= buffer.len() && head_len <= http::MAX_HEAD_BYTES,
         "head_len {head_len} of a {}-byte buffer",
         buffer.len()
     );
@@ -228,7 +228,7 @@ fn check_decision(decision: &Decision, buffer: &[u8], policy: &Policy<'_>) {
                 HttpRoute::TokenCheck(check) => {
                     // The check answers for any token, and a refusal names a
                     // code of the contract (§1).
-                    if let roomcast::handshake::TokenCheck::Refused(code) = check {
+                    if let TokenCheck::Refused(code) = check {
                         assert!(
                             [
                                 "missing",

@@ -1,0 +1,69 @@
+//! With `--redis`: handing the hub's commands to the bridge threads and
+//! their events back to the hub.
+
+use std::time::{Duration, Instant};
+
+use super::server::Server;
+use crate::cluster::{self, Outgoing};
+use crate::hub::Millis;
+
+/// Most bridge events handled in one loop iteration; the rest wait for the next.
+const MAX_BRIDGE_EVENTS: usize = 8192;
+
+/// How long a shutdown waits for the bridge to take the node out of presence.
+const BRIDGE_STOP_WAIT: Duration = Duration::from_millis(400);
+
+impl Server {
+    /// Handles what the bridge threads reported.
+    pub(super) fn drain_bridge(&mut self, now: Millis) {
+        let Some(bridge) = &self.bridge else {
+            return;
+        };
+        bridge.notifier.rearm();
+        self.bridge_backlog = false;
+        for _ in 0..MAX_BRIDGE_EVENTS {
+            let Some(bridge) = &self.bridge else {
+                return;
+            };
+            match bridge.events.try_recv() {
+                Ok(event) => self.hub.cluster_event(event, now),
+                Err(_) => return,
+            }
+        }
+        self.bridge_backlog = true;
+    }
+
+    /// Hands what the hub decided to send to Redis to the bridge threads.
+    pub(super) fn send_to_bridge(&mut self) {
+        let Some(bridge) = &self.bridge else {
+            return;
+        };
+        self.hub.take_cluster_out(&mut self.outgoing);
+        for outgoing in self.outgoing.drain(..) {
+            match outgoing {
+                Outgoing::Command(command) => bridge.command(command),
+                Outgoing::Subscription(change) => bridge.subscription(change),
+            }
+        }
+    }
+
+    /// At exit: take the node out of presence (bounded wait), stop the threads.
+    pub(super) fn stop_bridge(&mut self) {
+        if self.bridge.is_none() {
+            return;
+        }
+        self.hub.cluster_shutdown();
+        self.send_to_bridge();
+        let Some(bridge) = &self.bridge else {
+            return;
+        };
+        let until = Instant::now() + BRIDGE_STOP_WAIT;
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            match bridge.events.recv_timeout(left) {
+                Ok(cluster::Event::Stopped) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+        bridge.stop();
+    }
+}

@@ -1,0 +1,89 @@
+//! SIGINT/SIGTERM: stop accepting, then drain every client over `--drain-ms`.
+
+use log::info;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use tungstenite::protocol::frame::coding::CloseCode;
+
+use super::connection::Phase;
+use super::server::{Server, ServerTimer};
+use crate::hub::Millis;
+
+/// The most a shutdown waits for clients to take their close frames.
+pub(super) const SHUTDOWN_FLUSH_MS: Millis = 1500;
+
+impl Server {
+    /// SIGINT/SIGTERM: stop accepting, then close every client with 1001,
+    /// one after another in random order spread evenly over `--drain-ms`, so
+    /// that they do not all reconnect at once (§8, §11).
+    pub(super) fn on_signal(&mut self, now: Millis) {
+        let mut stop = false;
+        for signal in self.signals.pending() {
+            stop |= signal == SIGINT || signal == SIGTERM;
+        }
+        if !stop || self.shutting_down.is_some() {
+            return;
+        }
+        info!(
+            "signal received: draining {} connection(s) over {} ms",
+            self.hub.connection_count(),
+            self.args.drain_ms
+        );
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        let drain_ms = self.args.drain_ms;
+        self.shutting_down = Some(now + drain_ms + SHUTDOWN_FLUSH_MS);
+        let mut websockets = Vec::new();
+        let keys: Vec<usize> = self.connections.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            let Some(connection) = self.connections.get(key) else {
+                continue;
+            };
+            match connection.phase {
+                Phase::WebSocket { .. } if !connection.close_when_flushed => websockets.push(key),
+                Phase::Http { .. } if !connection.close_when_flushed => self.schedule_free(key),
+                _ => {}
+            }
+        }
+        shuffle(&mut websockets);
+        let count = websockets.len() as u64;
+        for (index, key) in websockets.into_iter().enumerate() {
+            let at = now + (index as u64).saturating_mul(drain_ms) / count.max(1);
+            if at <= now {
+                self.drain_close(key, now);
+            } else {
+                self.timers.schedule(at, ServerTimer::DrainClose(key));
+            }
+        }
+    }
+
+    pub(super) fn drain_close(&mut self, key: usize, now: Millis) {
+        let open = self.connections.get(key).is_some_and(|connection| {
+            matches!(connection.phase, Phase::WebSocket { .. })
+                && !connection.close_when_flushed
+                && !connection.freeing
+        });
+        if !open {
+            return;
+        }
+        let retry_ms = random_below(self.args.drain_ms.saturating_add(1));
+        let reason = format!("server shutting down; retry_ms={retry_ms}");
+        self.hub.disconnect(key, now);
+        self.close_websocket(key, CloseCode::Away, reason.into(), now);
+    }
+}
+
+/// Fisher–Yates with OS randomness: the drain order must not favour early connections.
+fn shuffle(items: &mut [usize]) {
+    for index in (1..items.len()).rev() {
+        let other = random_below(index as u64 + 1) as usize;
+        items.swap(index, other);
+    }
+}
+
+fn random_below(bound: u64) -> u64 {
+    if bound == 0 {
+        return 0;
+    }
+    getrandom::u64().unwrap_or(0) % bound
+}

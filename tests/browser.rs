@@ -4,6 +4,11 @@
 //! - `client_module_logic`: `node --test tests/browser/client.test.mjs`, the
 //!   client's reconnect, recovery and ordering rules against a scripted fake
 //!   WebSocket (needs only Node.js);
+//! - `client_auth_against_real_server`: `node --test tests/browser/auth.test.mjs`,
+//!   the client under Node against this crate's `roomcast` binary: a refused
+//!   token ends in `auth_error` and state "closed", or with `getToken` in a
+//!   fresh token and a session (needs only Node.js: 22+, or 20.10+ where the
+//!   global WebSocket is behind `--experimental-websocket`, passed when needed);
 //! - `chat_page_in_headless_chromium`: `node tests/browser/chat.test.mjs`, the
 //!   page in Debian's Chromium through playwright-core against this crate's
 //!   `roomcast` binary, including a server restart (needs Node.js, npm and
@@ -11,7 +16,7 @@
 //!
 //! `tests/browser/node_modules` is installed with `npm ci` when missing. A
 //! missing tool fails the test with the command that installs it, unless
-//! `ROOMCAST_SKIP_BROWSER=1`, which skips both tests with a notice.
+//! `ROOMCAST_SKIP_BROWSER=1`, which skips these tests with a notice.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -105,6 +110,53 @@ fn client_module_logic() {
     assert!(
         out.status.success(),
         "web/roomcast.js unit tests failed:\n{}",
+        show(&out)
+    );
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+}
+
+/// The `node` flags that give it a global WebSocket: none on Node 22+;
+/// `--experimental-websocket` on Node 20.10 to 21, which have it only behind it.
+fn node_websocket_flags() -> &'static [&'static str] {
+    let has_websocket = |flags: &[&str]| {
+        Command::new("node")
+            .args(flags)
+            .args([
+                "-e",
+                "process.exit(typeof WebSocket === 'function' ? 0 : 1)",
+            ])
+            .output()
+            .is_ok_and(|out| out.status.success())
+    };
+    const FLAG: &[&str] = &["--experimental-websocket"];
+    if has_websocket(&[]) {
+        &[]
+    } else if has_websocket(FLAG) {
+        FLAG
+    } else {
+        panic!(
+            "this Node.js has no WebSocket, not even with --experimental-websocket: \
+             the client test needs Node.js 22+ (or 20.10+); {INSTALL_HINT}"
+        )
+    }
+}
+
+#[test]
+fn client_auth_against_real_server() {
+    if skipped("client_auth_against_real_server") {
+        return;
+    }
+    require(true, false, false);
+    let out = Command::new("node")
+        .args(node_websocket_flags())
+        .args(["--test", "tests/browser/auth.test.mjs"])
+        .env("ROOMCAST_BIN", env!("CARGO_BIN_EXE_roomcast"))
+        .current_dir(root())
+        .output()
+        .expect("run node --test tests/browser/auth.test.mjs");
+    assert!(
+        out.status.success(),
+        "web/roomcast.js against the roomcast binary failed:\n{}",
         show(&out)
     );
     println!("{}", String::from_utf8_lossy(&out.stdout));

@@ -19,6 +19,12 @@
 // - honours close codes: 4003 → stay closed; 4001 → getToken({ fresh: true }) then
 //   reconnect; 1001 → reconnect after the `retry_ms=N` hint; 4000 and the rest →
 //   backoff and recover;
+// - tells a refused token from a network failure: a browser cannot read the status
+//   of a refused upgrade, so after a connection that closed before opening it asks
+//   GET /token/check (PROTOCOL §1) once. A 401 stops the retries with the same token
+//   and emits `auth_error`; with getToken, one getToken({ fresh: true, reason:
+//   "auth_error" }) first, and only the same token again (or a failure) stops it.
+//   A 200, or no usable answer, keeps the normal backoff;
 // - request ids with promises, an outbox for messages sent while disconnected,
 //   app-level pings to notice a dead link, token refresh before `exp`, and the
 //   typing protocol (true on input, false on send or when idle).
@@ -39,11 +45,28 @@
 //                "gap" { room, reason: "jump"|"history"|"epoch"|"reset", from?, to?, missed? } |
 //                "lagged" { room, from, to } | "shutdown" { retryMs } |
 //                "token_expired" | "disconnected" { code, reason }
+//   auth_error   { code, message }  the server refused the token (GET /token/check said 401);
+//                code: "missing" | "malformed" | "bad_signature" | "expired" | "not_yet_valid" |
+//                "invalid_claims"; message: a sentence such as "the token has expired". Without
+//                getToken (or when it cannot give another token) state "closed" follows
 //   error        { code, message, id?, request? }     server `error` frames and client-side failures
 //   close        { code, reason, wasClean }           the socket closed (before any reconnect)
 //
 // You can also use `client.on(type, fn)` which passes `detail` and returns an
 // unsubscribe function.
+//
+// Outside a browser there is no page location, so pass `url`. Node 22+ has global
+// WebSocket and fetch, and nothing else is needed:
+//
+//   const client = new RoomcastClient({ url: "http://127.0.0.1:8080", token });
+//
+// Node 20 has fetch but its WebSocket is behind `node --experimental-websocket`
+// (20.10+); without the flag pass a constructor, e.g. from the `ws` package:
+//
+//   import { WebSocket } from "ws";
+//   const client = new RoomcastClient({ url: "http://127.0.0.1:8080", token, WebSocket });
+//
+// `options.fetch` replaces the fetch used for GET /token/check the same way.
 
 const DEFAULTS = {
   url: undefined, // base URL: "wss://chat.example.com", "https://…" or "/"; default: this page's host
@@ -51,6 +74,7 @@ const DEFAULTS = {
   baseDelayMs: 500, // backoff base
   maxDelayMs: 30000, // backoff cap
   connectTimeoutMs: 15000, // from `new WebSocket` to `welcome`
+  checkTimeoutMs: 5000, // GET /token/check after a refused connection; slower counts as no answer
   requestTimeoutMs: 15000, // a request without a reply by then is rejected with "timeout"
   outboxTimeoutMs: 60000, // a queued (offline) request not sent by then is rejected
   typingIdleMs: 3000, // send typing:false after this long without input
@@ -102,6 +126,15 @@ export class RoomcastError extends Error {
 const FATAL_JOIN_ERRORS = new Set(["forbidden", "invalid_room", "too_many_rooms", "invalid_message"]);
 // Requests that may wait in the outbox while the connection is down.
 const QUEUEABLE = new Set(["message", "direct"]);
+// `auth_error` messages for GET /token/check's codes (PROTOCOL §1).
+const AUTH_ERROR_MESSAGES = {
+  missing: "no token was given",
+  malformed: "the token is not a well-formed JWT",
+  bad_signature: "the token was not signed with this server's secret",
+  expired: "the token has expired",
+  not_yet_valid: "the token is not valid yet",
+  invalid_claims: "the token's claims are not valid",
+};
 
 export class RoomcastClient extends EventTarget {
   /**
@@ -109,9 +142,12 @@ export class RoomcastClient extends EventTarget {
    * @param {string} [options.token]    a JWT
    * @param {(info: {fresh: boolean, reason: string}) => Promise<string>|string} [options.getToken]
    *        called for the first token (when `token` is not given), for a fresh one after
-   *        close 4001 or a refused handshake, and before the current one's `exp`.
+   *        close 4001 (reason "token_expired") or a refused token (reason "auth_error"),
+   *        and before the current one's `exp` (reason "refresh").
    * @param {string} [options.url]      base URL of the server (ws:, wss:, http:, https: or a path)
-   * @param {typeof WebSocket} [options.WebSocket]  a WebSocket implementation (default: the global one)
+   * @param {typeof WebSocket} [options.WebSocket]  a WebSocket constructor (default: globalThis.WebSocket)
+   * @param {typeof fetch} [options.fetch]  for GET /token/check (default: globalThis.fetch; without
+   *        one a refused connection is retried with backoff like a network failure)
    * See DEFAULTS above for the other options.
    */
   constructor(options = {}) {
@@ -122,7 +158,8 @@ export class RoomcastClient extends EventTarget {
     this._getToken = options.getToken ?? null;
     if (!this._token && !this._getToken) throw new TypeError("roomcast: pass `token` or `getToken`");
     this._WS = options.WebSocket ?? globalThis.WebSocket;
-    if (!this._WS) throw new TypeError("roomcast: no WebSocket implementation");
+    if (!this._WS) throw new TypeError("roomcast: no WebSocket implementation: pass options.WebSocket");
+    this._fetch = options.fetch ?? globalThis.fetch?.bind(globalThis);
 
     this.state = States.IDLE;
     this.user = null; // { id, name } from welcome
@@ -142,6 +179,7 @@ export class RoomcastClient extends EventTarget {
     this._ready = false; // welcome received on the current socket
     this._stopped = true;
     this._freshToken = false;
+    this._authRenewals = 0; // tokens from getToken after an auth_error, since the last welcome
     this._lastHeard = 0;
     this._timers = { retry: null, connect: null, heartbeat: null, refresh: null };
     this._onOnline = () => {
@@ -397,12 +435,18 @@ export class RoomcastClient extends EventTarget {
     }
     this._ws = ws;
     ws._rcOpened = false;
+    ws._rcToken = token;
     ws.onopen = () => {
       ws._rcOpened = true;
       this._lastHeard = Date.now();
     };
     ws.onmessage = (ev) => this._onFrame(ws, ev.data);
-    ws.onerror = () => {}; // a close event always follows
+    ws.onerror = () => {
+      // Browsers follow with a close event in the same task; Node 20's WebSocket fires
+      // none after a refused upgrade, so make sure one comes (_onClose ignores a socket
+      // it already closed).
+      if (!ws._rcOpened) setTimeout(() => this._onClose(ws, CloseCodes.ABNORMAL, "", false), 0);
+    };
     ws.onclose = (ev) => this._onClose(ws, ev.code, ev.reason, ev.wasClean);
     this._timers.connect = setTimeout(() => {
       if (this._ws === ws && !this._ready) this._abandon(ws, "connect timeout");
@@ -457,10 +501,84 @@ export class RoomcastClient extends EventTarget {
     if ([1002, 1003, 1007, 1009].includes(code)) {
       this._emit("error", { code: "client_bug", message: `closed with ${code}: ${reason || "protocol violation"}` });
     }
-    // A socket that never opened may have been refused at the handshake (401 for an
-    // expired token looks the same as a refused TCP connection from here).
-    if (!opened && this._getToken) this._freshToken = true;
+    // A socket that never opened may have been refused at the handshake (a 401 for an
+    // expired token looks the same as a refused TCP connection from here): ask why.
+    if (!opened) return this._diagnose(ws._rcToken, code);
     return this._scheduleRetry({ code, extra: code === CloseCodes.POLICY ? 5 : 0 });
+  }
+
+  /** After a connection that closed before opening: was it the token? One check per
+   * failed attempt, and only then, so a healthy client never pays for it. */
+  async _diagnose(token, code) {
+    const gen = this._gen;
+    const verdict = await this._checkToken(token);
+    if (gen !== this._gen || this._stopped) return; // reconnect(), close() or "online" meanwhile
+    if (verdict?.error) return this._onAuthError(token, verdict.error);
+    // No answer (server down, an older server without the endpoint, no fetch): as before
+    // the check existed, a getToken app gets a fresh token in case this one was the
+    // trouble. A 200 means the token is fine (503 at capacity, a blip): keep it.
+    if (!verdict && this._getToken) this._freshToken = true;
+    return this._scheduleRetry({ code });
+  }
+
+  /**
+   * GET /token/check?token=… on the ws URL's host (PROTOCOL §1). Resolves with
+   * { error: CODE } for a 401, { ok: true } for a 200, or null when there is no usable
+   * answer (no fetch, network error, timeout, another status, a body that is not JSON).
+   */
+  async _checkToken(token) {
+    const fetch = this._fetch;
+    if (typeof fetch !== "function") return null;
+    const url = `${this.url.replace(/^ws/, "http")}/token/check?token=${encodeURIComponent(token ?? "")}`;
+    const abort = typeof AbortController === "function" ? new AbortController() : null;
+    let timer;
+    const timeout = new Promise((resolve) => {
+      timer = setTimeout(() => {
+        abort?.abort();
+        resolve(null);
+      }, this.options.checkTimeoutMs);
+    });
+    const ask = (async () => {
+      const res = await fetch(url, { signal: abort?.signal });
+      const body = await res.json();
+      if (res.status === 401 && typeof body?.error === "string") return { error: body.error };
+      return res.status === 200 ? { ok: true } : null;
+    })().catch(() => null);
+    try {
+      return await Promise.race([ask, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** The server refused `token`: retrying it cannot succeed. */
+  async _onAuthError(token, code) {
+    const message = AUTH_ERROR_MESSAGES[code] ?? `the server refused the token (${code})`;
+    this._emit("auth_error", { code, message });
+    if (this._getToken) {
+      const gen = this._gen;
+      let fresh = null;
+      try {
+        fresh = await this._getToken({ fresh: true, reason: "auth_error" });
+      } catch (err) {
+        if (gen !== this._gen || this._stopped) return;
+        this._emit("error", { code: "token_unavailable", message: `getToken failed: ${err?.message ?? err}` });
+      }
+      if (gen !== this._gen || this._stopped) return;
+      // The same token again would only be refused again: stop below instead of looping.
+      if (fresh && fresh !== token) {
+        this._token = fresh;
+        this._freshToken = false;
+        // At once the first time; if new tokens keep being refused (say the app signs
+        // them with another secret than the server's), back off between them.
+        if (this._authRenewals++ === 0) return this._open("auth_error");
+        return this._scheduleRetry({ code: null });
+      }
+    }
+    // Terminal, like close 4003: no more retries, queued requests fail.
+    this._stopped = true;
+    this._failOutbox(new RoomcastError("auth_error", `token refused: ${message}`, { authCode: code }));
+    this._setState(States.CLOSED);
   }
 
   /** Forget everything tied to the socket that just went away. */
@@ -552,6 +670,7 @@ export class RoomcastClient extends EventTarget {
   _onWelcome(p) {
     this._clearTimer("connect");
     this._attempt = 0;
+    this._authRenewals = 0;
     this._ready = true;
     this.user = p.user ?? null;
     this.connectionId = p.connection_id ?? null;
@@ -830,7 +949,10 @@ function wsBase(url) {
 }
 
 function detach(ws) {
-  ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+  ws.onopen = ws.onmessage = ws.onclose = null;
+  // Not null: Node's `ws` package throws an error event that has no listener (close()
+  // while connecting emits one).
+  ws.onerror = () => {};
 }
 
 /** The `exp` claim of a JWT (seconds), or null. The client does not verify tokens. */

@@ -11,10 +11,14 @@
 // server restart in the middle of a backend's publishing: SIGTERM (state saved, exit
 // 0), publishes refused while it is down, restart on the same port with the same
 // state file, more publishes; both pages must reconnect by themselves, recover with
-// since/epoch and show every accepted message exactly once, in seq order.
-// Screenshots go to target/browser/{alice,bob}.png. Exit status 0 only if all passed.
+// since/epoch and show every accepted message exactly once, in seq order. Then a
+// refused token (garbage, expired) must show why and offer the token form again, and
+// in demo mode (no secret) the guest-name form, which also signs in a guest to chat.
+// Screenshots go to target/browser/{alice,bob,bad-token,bad-token-demo}.png. Exit status 0 only if
+// all passed.
 
 import { spawn, execFileSync } from "node:child_process";
+import { createHmac } from "node:crypto";
 import { once } from "node:events";
 import fs from "node:fs";
 import os from "node:os";
@@ -27,7 +31,7 @@ const REPO = path.resolve(HERE, "..", "..");
 const BIN = path.resolve(process.argv[2] || process.env.ROOMCAST_BIN || path.join(REPO, "target", "debug", "roomcast"));
 const CHROMIUM = process.env.ROOMCAST_CHROMIUM || "/usr/bin/chromium";
 const SHOTS = path.join(REPO, "target", "browser");
-const SECRET = "browser-test-secret";
+const SECRET = "browser-test-secret-of-32-bytes!";
 const API_KEY = "browser-test-key";
 const TYPING_TIMEOUT_MS = 1500;
 const WAIT_MS = Number(process.env.ROOMCAST_BROWSER_TIMEOUT_MS || 30000); // any single DOM condition
@@ -108,6 +112,13 @@ function sleep(ms) {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
+/** An HS256 JWT signed here: a token the binary would not mint (already expired). */
+function signToken(claims, secret = SECRET) {
+  const b64 = (v) => Buffer.from(JSON.stringify(v)).toString("base64url");
+  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}`;
+  return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
+}
+
 function mintToken(sub, name) {
   return execFileSync(BIN, ["token", "--secret", SECRET, "--sub", sub, "--name", name], { encoding: "utf8" }).trim();
 }
@@ -153,18 +164,40 @@ async function openUser(chromium, name, url) {
   browsers.push(context);
   context.setDefaultTimeout(WAIT_MS);
   const page = context.pages()[0] ?? (await context.newPage());
-  page.label = name;
+  watchPage(page, name);
+  await page.goto(url);
+  return page;
+}
+
+/** Collect the page's errors in page.errors. Chromium logs every refused WebSocket
+ * attempt, and every GET /token/check the client then sends to ask why that finds
+ * nobody listening; those are expected while the server is down. With `refusals`, so
+ * are its logs of the 401 from /token/check and the 404 from /demo/token (not in demo
+ * mode) that a refused token leads to. Anything else on the console's error level fails. */
+function watchPage(page, label, { refusals = false } = {}) {
+  page.label = label;
   page.errors = [];
   page.on("pageerror", (err) => page.errors.push(String(err)));
   page.on("console", (msg) => {
-    // Chromium logs every refused WebSocket attempt; those are expected while the
-    // server is down. Anything else on the console's error level is a failure.
-    if (msg.type() === "error" && !/^WebSocket connection to .* failed/.test(msg.text())) {
-      page.errors.push(`console: ${msg.text()}`);
-    }
+    const text = msg.text();
+    if (msg.type() !== "error" || /^WebSocket connection to .* failed/.test(text)) return;
+    if (/^Failed to load resource: net::ERR_CONNECTION_REFUSED$/.test(text)) return;
+    if (refusals && /^Failed to load resource: the server responded with a status of 40[14]/.test(text)) return;
+    page.errors.push(`console: ${text}`);
   });
-  await page.goto(url);
   return page;
+}
+
+/** The sign-in card after a refused token: the reason, and which form it offers. */
+async function refusedLogin(page) {
+  await byTestId(page, "login-refused").waitFor();
+  return {
+    reason: (await byTestId(page, "login-refused").textContent()).trim(),
+    nameForm: await byTestId(page, "name-input").isVisible(),
+    tokenForm: await byTestId(page, "token-input").isVisible(),
+    chatHidden: await page.locator("#app").isHidden(),
+    url: page.url(),
+  };
 }
 
 const byTestId = (page, id) => page.locator(`[data-testid="${id}"]`);
@@ -452,21 +485,60 @@ async function main() {
     }
   });
 
+  await step("a refused token (garbage, expired): the page says why and offers the token form", async () => {
+    const page = watchPage(await alice.context().newPage(), "bad-token", { refusals: true });
+    const expired = signToken({ sub: "erin", name: "Erin", exp: Math.floor(Date.now() / 1000) - 120 });
+    const cases = [
+      ["garbage", "this-is-not-a-jwt", "Your token was refused: it is not a well-formed token."],
+      ["expired", expired, "Your token was refused: it has expired."],
+    ];
+    for (const [what, token, reason] of cases) {
+      await page.goto(`http://${server.addr}/?token=${encodeURIComponent(token)}`);
+      const seen = await refusedLogin(page);
+      log(`     ${what}: "${seen.reason}"`);
+      check(seen.reason === reason, `${what} token: the page says ${JSON.stringify(seen.reason)}, expected ${JSON.stringify(reason)}`);
+      check(seen.tokenForm && !seen.nameForm, `${what} token: the token form is not offered alone (not a demo server)`);
+      check(seen.chatHidden, `${what} token: the chat is still shown`);
+      check(!seen.url.includes("token="), `${what} token: the refused token is still in the URL: ${seen.url}`);
+    }
+    const file = path.join(SHOTS, "bad-token.png");
+    await page.screenshot({ path: file });
+    log(`     screenshot ${path.relative(REPO, file)}`);
+    // The form it offers works: a good token opens the chat.
+    await byTestId(page, "token-input").fill(mintToken("erin", "Erin"));
+    await byTestId(page, "login-button").click();
+    await waitState(page, "open");
+    check((await byTestId(page, "current-user").textContent()).includes("Erin"), "the pasted token does not sign in Erin");
+    check(await byTestId(page, "login-refused").isHidden(), "the refusal is still shown after signing in");
+    check(page.errors.length === 0, `bad-token page errors:\n  ${page.errors.join("\n  ")}`);
+    await page.close();
+  });
+
   await step("demo mode: pick a name, get a guest token from /demo/token, chat", async () => {
     const demo = await startServer("127.0.0.1:0", ["--listen", "127.0.0.1:0"]);
-    const page = await alice.context().newPage();
-    page.label = "demo";
-    page.on("pageerror", (err) => alice.errors.push(`demo page: ${err}`));
+    const page = watchPage(await alice.context().newPage(), "demo", { refusals: true });
+    // Without a token the page asks for a guest name.
     await page.goto(`http://${demo.addr}/`);
+    await byTestId(page, "name-input").waitFor();
+    check(await byTestId(page, "login-refused").isHidden(), "a fresh demo page shows a refusal");
+    // A refused token brings the guest-name form back, with the reason.
+    await page.goto(`http://${demo.addr}/?token=garbage`);
+    const seen = await refusedLogin(page);
+    check(seen.reason === "Your token was refused: it is not a well-formed token.", `demo page says ${JSON.stringify(seen.reason)}`);
+    check(seen.nameForm, "the demo page does not offer the guest-name form after a refused token");
+    const file = path.join(SHOTS, "bad-token-demo.png");
+    await page.screenshot({ path: file });
+    log(`     screenshot ${path.relative(REPO, file)}`);
     await byTestId(page, "name-input").fill("Carol");
     await byTestId(page, "login-button").click();
     await waitState(page, "open");
     check((await byTestId(page, "current-user").textContent()).includes("Carol"), "the demo page does not show Carol as the user");
     await joinLobby(page);
     await sendMessage(page, "hello from a guest");
-    const seen = await waitMessage(page, "hello from a guest");
-    check(seen.author === "Carol (you)", `the guest's message is signed ${JSON.stringify(seen.author)}`);
-    check(seen.seq === 1, `the first message of a fresh demo server has seq ${seen.seq}`);
+    const sent = await waitMessage(page, "hello from a guest");
+    check(sent.author === "Carol (you)", `the guest's message is signed ${JSON.stringify(sent.author)}`);
+    check(sent.seq === 1, `the first message of a fresh demo server has seq ${sent.seq}`);
+    check(page.errors.length === 0, `demo page errors:\n  ${page.errors.join("\n  ")}`);
     await page.close();
     demo.child.kill("SIGTERM");
     const { code } = await demo.exited;

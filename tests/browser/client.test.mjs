@@ -1,6 +1,7 @@
 // Unit tests of web/roomcast.js against a scripted fake WebSocket: reconnect and
 // backoff, close codes, recovery with since/epoch, exactly-once in-order delivery,
-// lagged, the outbox, request promises and typing. No browser, no server.
+// lagged, the outbox, request promises, typing, and what GET /token/check's answer
+// does after a refused connection (a scripted fetch). No browser, no server.
 //
 //   node --test tests/browser/client.test.mjs
 
@@ -65,6 +66,18 @@ class FakeSocket {
 }
 
 const latest = () => FakeSocket.all.at(-1);
+
+/** A scripted fetch for GET /token/check: `answer(url)` gives a Response or throws. The
+ * default answers like an unreachable server, so tests that do not care keep the backoff. */
+function fakeFetch(answer = () => Promise.reject(new TypeError("fetch failed"))) {
+  const f = async (url) => {
+    f.urls.push(url);
+    return answer(url);
+  };
+  f.urls = [];
+  return f;
+}
+const json = (status, body) => new Response(JSON.stringify(body), { status, headers: { "Content-Type": "application/json" } });
 const tick = (ms = 0) => new Promise((resolve) => setTimeout(resolve, ms));
 async function until(cond, what, ms = 2000) {
   const end = Date.now() + ms;
@@ -75,11 +88,13 @@ async function until(cond, what, ms = 2000) {
 }
 
 function makeClient(t, options = {}) {
-  const seen = { messages: [], notices: [], states: [], retries: [], errors: [] };
+  const seen = { messages: [], notices: [], states: [], retries: [], errors: [], authErrors: [] };
+  const before = latest(); // the last socket of an earlier test
   const client = new RoomcastClient({
     url: "http://chat.example:8080",
     token: "t0",
     WebSocket: FakeSocket,
+    fetch: fakeFetch(),
     baseDelayMs: 5,
     maxDelayMs: 40,
     ...options,
@@ -89,8 +104,9 @@ function makeClient(t, options = {}) {
   client.on("state", ({ state }) => seen.states.push(state));
   client.on("retry", (r) => seen.retries.push(r));
   client.on("error", (e) => seen.errors.push(e));
+  client.on("auth_error", (e) => seen.authErrors.push(e));
   t.after(() => client.close());
-  return { client, seen };
+  return { client, seen, before };
 }
 
 async function connected(t, options) {
@@ -250,6 +266,7 @@ test("backoff is exponential with full jitter, capped, and resets on welcome", a
     latest().refuse();
     if (i < 6) await until(() => latest().readyState === 0, "the next attempt", 1000);
   }
+  await until(() => seen.retries.length === 7, "the retry after the last refusal (after its /token/check)");
   // ceilings 5, 10, 20, 40, 40 (cap), 40, 40
   assert.deepEqual(
     seen.retries.map((r) => r.delayMs),
@@ -353,4 +370,131 @@ test("jwtExp reads the exp claim", () => {
   const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
   assert.equal(jwtExp(`${b64({ alg: "HS256" })}.${b64({ sub: "a", exp: 1234 })}.sig`), 1234);
   assert.equal(jwtExp("nonsense"), null);
+});
+
+// ---- a refused connection: GET /token/check ------------------------------------
+
+/** Wait for the next attempt after `previous` and refuse it (as a browser reports a
+ * refused upgrade). */
+async function refuseNext(previous) {
+  await until(() => latest() !== previous && latest()?.onclose, "a connection attempt");
+  const ws = latest();
+  ws.refuse();
+  return ws;
+}
+
+test("a refused connection asks /token/check once; 200 keeps the backoff and the token", async (t) => {
+  const fetch = fakeFetch(() => json(200, { user: { id: "alice", name: "Alice" }, exp: null }));
+  const { client, seen, before } = makeClient(t, { url: "https://chat.example/", token: "a b+c", fetch });
+  const first = await refuseNext(before);
+  await until(() => seen.retries.length === 1, "a retry");
+  assert.deepEqual(fetch.urls, ["https://chat.example/token/check?token=a%20b%2Bc"]);
+  await until(() => latest() !== first, "the next attempt");
+  assert.equal(latest().url, first.url, "the same token again");
+  latest().welcome();
+  latest().serverClose(1006, ""); // after open: no check
+  assert.equal(fetch.urls.length, 1);
+  assert.equal(client.state, "reconnecting");
+  assert.deepEqual(seen.authErrors, []);
+});
+
+test("no usable answer from /token/check (network error, 5xx, not JSON, no fetch) keeps the backoff", async (t) => {
+  const answers = [
+    () => Promise.reject(new TypeError("fetch failed")),
+    () => json(503, { error: "unavailable" }),
+    () => new Response("<html>401</html>", { status: 401 }),
+    null, // no fetch at all
+  ];
+  for (const answer of answers) {
+    const fetch = answer ? fakeFetch(answer) : undefined;
+    const saved = globalThis.fetch;
+    if (!answer) globalThis.fetch = undefined;
+    try {
+      const { client, seen, before } = makeClient(t, { fetch });
+      const refused = await refuseNext(before);
+      await until(() => seen.retries.length === 1, "a retry");
+      await until(() => latest() !== refused, "the next attempt");
+      assert.equal(client.state, "reconnecting");
+      assert.deepEqual(seen.authErrors, []);
+      client.close();
+    } finally {
+      globalThis.fetch = saved;
+    }
+  }
+});
+
+test("401 without getToken: auth_error, closed, queued messages rejected, no more attempts", async (t) => {
+  const fetch = fakeFetch(() => json(401, { error: "expired" }));
+  const { client, seen, before } = makeClient(t, { fetch });
+  await until(() => latest() !== before, "a connection attempt");
+  const queued = assert.rejects(client.send("lobby", "hi"), (err) => err.code === "auth_error" && err.authCode === "expired");
+  const refused = await refuseNext(before);
+  await until(() => client.state === "closed", "state closed");
+  assert.deepEqual(seen.authErrors, [{ code: "expired", message: "the token has expired" }]);
+  await queued; // the message that waited in the outbox is rejected
+  await tick(60);
+  assert.equal(latest(), refused, "no attempt after the refusal");
+  assert.deepEqual(seen.retries, []);
+  assert.equal(fetch.urls.length, 1);
+});
+
+test("401 with getToken: one fresh token, at once, then open", async (t) => {
+  const calls = [];
+  const tokens = ["bad", "good"];
+  const fetch = fakeFetch(() => json(401, { error: "bad_signature" }));
+  const { client, seen, before } = makeClient(t, {
+    token: undefined,
+    getToken: async (info) => {
+      calls.push(info);
+      return tokens.shift();
+    },
+    fetch,
+  });
+  const refused = await refuseNext(before);
+  assert.ok(refused.url.endsWith("token=bad"));
+  await until(() => latest() !== refused, "a connection with the new token");
+  assert.ok(latest().url.endsWith("token=good"));
+  assert.deepEqual(calls, [{ fresh: false, reason: "connect" }, { fresh: true, reason: "auth_error" }]);
+  assert.deepEqual(seen.retries, [], "no backoff before the new token");
+  assert.equal(seen.authErrors[0].code, "bad_signature");
+  latest().welcome();
+  assert.equal(client.state, "open");
+});
+
+test("401 with getToken: the same token again (or a getToken failure) stops without looping", async (t) => {
+  for (const again of [async () => "bad", async () => Promise.reject(new Error("offline"))]) {
+    const calls = [];
+    const fetch = fakeFetch(() => json(401, { error: "invalid_claims" }));
+    const { client, seen, before } = makeClient(t, {
+      token: "bad",
+      getToken: (info) => {
+        calls.push(info);
+        return again();
+      },
+      fetch,
+    });
+    const refused = await refuseNext(before);
+    await until(() => client.state === "closed", "state closed");
+    await tick(60);
+    assert.equal(latest(), refused, "no attempt after the refusal");
+    assert.deepEqual(calls, [{ fresh: true, reason: "auth_error" }]);
+    assert.deepEqual(seen.retries, []);
+    assert.equal(seen.authErrors.length, 1);
+  }
+});
+
+test("new tokens that keep being refused are tried with backoff, not in a tight loop", async (t) => {
+  let n = 0;
+  const { seen, before } = makeClient(t, {
+    token: "t0",
+    getToken: async () => `t${++n}`,
+    fetch: fakeFetch(() => json(401, { error: "bad_signature" })),
+  });
+  let ws = await refuseNext(before);
+  await until(() => latest() !== ws, "the first renewal");
+  assert.deepEqual(seen.retries, [], "the first new token goes at once");
+  ws = latest();
+  ws.refuse();
+  await until(() => seen.retries.length === 1, "backoff before the second renewal");
+  assert.equal(seen.authErrors.length, 2);
 });

@@ -32,8 +32,8 @@ use log::{debug, info, warn};
 use redis::{Client, Connection, Pipeline, RedisError, Value};
 
 use crate::cluster::{
-    self, Command, Event, KEY_TTL_MS, NODE_TTL_MS, Reply, ReqId, RoomMembers, RoomState, Script,
-    Subscription, USERS_CHANNEL,
+    self, Command, Event, KEY_TTL_MS, NODE_TTL_MS, RegisteredRoom, Reply, ReqId, RoomMembers,
+    RoomState, Script, Subscription, USERS_CHANNEL,
 };
 
 /// Connecting gives up after this long.
@@ -418,7 +418,7 @@ impl CommandThread {
         &mut self,
         rooms: &[RoomMembers],
         users: &[(String, u32)],
-    ) -> Result<Vec<RoomState>, RedisError> {
+    ) -> Result<Vec<RegisteredRoom>, RedisError> {
         let node = cluster::random_id();
         let ttl = KEY_TTL_MS.to_string();
         let mut pipe = redis::pipe();
@@ -440,7 +440,9 @@ impl CommandThread {
                 .arg(&keys[..])
                 .arg(cluster::random_epoch())
                 .arg(&node)
-                .arg(&ttl);
+                .arg(&ttl)
+                .arg(&room.epoch)
+                .arg(room.since);
             for (user, count, user_json) in &room.users {
                 command.arg(user).arg(*count).arg(user_json);
             }
@@ -457,7 +459,7 @@ impl CommandThread {
         let values: Vec<Value> = pipe.query(connection)?;
         let mut states = Vec::with_capacity(rooms.len());
         for value in values {
-            states.push(room_state(&value).ok_or_else(|| unexpected(&value))?);
+            states.push(registered_room(&value).ok_or_else(|| unexpected(&value))?);
         }
         info!(
             "redis: registered as node {node} ({} room(s), {} user(s))",
@@ -816,6 +818,18 @@ fn joined(value: &Value) -> Option<Reply> {
         history_len,
         frames,
     })
+}
+
+fn registered_room(value: &Value) -> Option<RegisteredRoom> {
+    let items = array(value)?;
+    let state = room_state(value)?;
+    let frames = items
+        .get(3..)
+        .unwrap_or_default()
+        .iter()
+        .map(text)
+        .collect::<Option<Vec<_>>>()?;
+    Some(RegisteredRoom { state, frames })
 }
 
 fn published(value: &Value) -> Option<Reply> {

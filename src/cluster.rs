@@ -205,6 +205,10 @@ pub struct RoomMembers {
     pub room: String,
     /// (user id, connections here, user JSON).
     pub users: Vec<(String, u32, String)>,
+    /// The epoch this node knew the room by; empty when it never learnt one.
+    pub epoch: String,
+    /// The last seq of `epoch` this node saw: the history after it comes back.
+    pub since: u64,
 }
 
 /// Changes to the pub/sub connection's channels, applied in order.
@@ -281,9 +285,22 @@ pub enum Reply {
     },
     /// `Register`: each room's state, in the order given.
     Registered {
-        /// One state for each room of the `Register` command, in the same order.
-        rooms: Vec<RoomState>,
+        /// One for each room of the `Register` command, in the same order.
+        rooms: Vec<RegisteredRoom>,
     },
+}
+
+/// A room as a registration found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisteredRoom {
+    /// The room's state, with this node's members counted.
+    pub state: RoomState,
+    /// The `message` frames this node did not see, as text, oldest first: the
+    /// history after `since` when the epoch is the one the node knew, all of
+    /// it when the epoch is new (Redis came back without the room), none when
+    /// the node knew no epoch. The last one has seq `state.seq`; fewer than
+    /// asked for when the history no longer holds the oldest.
+    pub frames: Vec<String>,
 }
 
 /// An item on a room's channel, already framed for WebSocket where it is one.
@@ -622,17 +639,31 @@ if total > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
 return total
 "#;
 
-/// KEYS: room, history, p, u, c. ARGV: fresh epoch, node, TTL ms, then
-/// (user, local count, user JSON) triples. Returns {epoch, seq, count}.
+/// KEYS: room, history, p, u, c. ARGV: fresh epoch, node, TTL ms, the epoch
+/// the node knew or '', the last seq of it the node saw, then (user, local
+/// count, user JSON) triples. Returns {epoch, seq, count, frames the node did
+/// not see...}: after `since` in the epoch it knew, the whole history of
+/// another one (what a Redis that came back empty took since then).
 const REGISTER_ROOM_BODY: &str = r#"
 purge(KEYS[3], KEYS[4], KEYS[5])
 local epoch = ensure_room(KEYS[1], ARGV[1])
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
-for i = 4, #ARGV, 3 do
+for i = 6, #ARGV, 3 do
   set_member(KEYS[3], KEYS[4], KEYS[5], ARGV[2], ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2])
 end
 for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
-return {epoch, seq, redis.call('HLEN', KEYS[4])}
+local out = {epoch, seq, redis.call('HLEN', KEYS[4])}
+if ARGV[4] ~= '' then
+  local since = 0
+  if ARGV[4] == epoch then since = tonumber(ARGV[5]) end
+  if since < seq then
+    local len = redis.call('LLEN', KEYS[2])
+    local start = since - seq + len
+    if start < 0 then start = 0 end
+    for _, frame in ipairs(redis.call('LRANGE', KEYS[2], start, -1)) do out[#out + 1] = frame end
+  end
+end
+return out
 "#;
 
 /// The Lua scripts, loaded once per connection and called by their SHA.
@@ -653,7 +684,7 @@ pub enum Script {
     /// live node.
     SendUser,
     /// For [`Command::Register`], once per room: counts this node's members
-    /// of the room in under the new node id.
+    /// of the room in under the new node id and reads the history it missed.
     RegisterRoom,
 }
 

@@ -7,7 +7,7 @@
 //! what is cluster-wide (seq, epoch, history, presence, counts, `direct`,
 //! kicks) is decided by the scripts of [`crate::cluster`].
 //!
-//! Three rules keep every node's view exact:
+//! Four rules keep every node's view exact:
 //!
 //! - **One order per room.** Every frame for a room's members (messages with
 //!   their seq, `typing`, `user_joined`, `user_left`) is published on the
@@ -22,6 +22,12 @@
 //! - **Replies in request order.** A connection's replies are queued in the
 //!   order of its requests, whether they waited for Redis (`joined`, `ack`,
 //!   `presence`) or not (`left`, `pong`, errors).
+//! - **Resume after an outage.** The node registers again, and the answer
+//!   brings each room's epoch, seq and the history its members did not see
+//!   (all of a new epoch when Redis came back empty, however late this node
+//!   came back; `lagged` for what the history no longer holds). Messages that
+//!   arrive while the answer is awaited wait for it; those the replay already
+//!   gave are not given again.
 
 use std::collections::HashMap;
 
@@ -31,14 +37,15 @@ use serde_json::value::RawValue;
 
 use super::{ConnId, Except, Hub, Millis, Refusal, RoomId, Timer, deliver_to};
 use crate::cluster::{
-    self, Command, Event, Outgoing, REFRESH_EVERY_TICKS, Reply, ReqId, RoomItem, RoomMembers,
-    RoomState, Subscription, UserItem,
+    self, Command, Event, Outgoing, REFRESH_EVERY_TICKS, RegisteredRoom, Reply, ReqId, RoomItem,
+    RoomMembers, RoomState, Subscription, UserItem,
 };
 use crate::protocol::{
     self, ErrorCode, FrameBuilder, Request, RequestBody, error_frame, is_valid_room_name,
 };
 
-/// Frames kept for one joining connection while its `joined` waits.
+/// Frames kept for one joining connection while its `joined` waits, and
+/// messages kept for one room while a registration waits for its answer.
 const MAX_BUFFERED: usize = 4096;
 
 /// The answer to a server API request (§6, §11).
@@ -87,6 +94,28 @@ struct Buffered {
     frame: Bytes,
 }
 
+/// A room as a registration's snapshot named it, with what the node had
+/// seen of it: the answer carries the history after that.
+struct Snapshot {
+    room: RoomId,
+    life: u64,
+    /// The epoch the node knew; empty when it never learnt one.
+    epoch: Box<str>,
+    /// The last seq of `epoch` the node saw.
+    since: u64,
+}
+
+/// A room's messages that came while a registration waited for its answer.
+/// Those up to the answer's seq are in its history already; the others came
+/// after its snapshot and go out after the replay.
+#[derive(Default)]
+struct Held {
+    messages: Vec<(u64, Bytes)>,
+    /// Seqs that came once `messages` was full (contiguous: the stream is in
+    /// seq order): reported as `lagged`.
+    overflow: Option<(u64, u64)>,
+}
+
 /// What an answer from Redis is for.
 enum Pending {
     Join {
@@ -122,7 +151,7 @@ enum Pending {
         kind: ApiReply,
     },
     Register {
-        rooms: Vec<(RoomId, u64)>,
+        rooms: Vec<Snapshot>,
     },
 }
 
@@ -148,6 +177,12 @@ pub(super) struct ClusterState {
     pending: HashMap<ReqId, Pending>,
     /// Join markers awaited: request → (connection, serial, room).
     markers: HashMap<ReqId, (ConnId, u64, RoomId)>,
+    /// While a registration waits for its answer: room messages that came meanwhile.
+    held: HashMap<RoomId, Held>,
+    /// After a registration: the seq each room's replay ended at. The stream
+    /// may still bring messages up to it (published before the snapshot,
+    /// read after the answer); they went out with the replay already.
+    replayed: HashMap<RoomId, u64>,
     out: Vec<Outgoing>,
     api_answers: Vec<(u64, ApiAnswer)>,
     ticks: u64,
@@ -200,6 +235,8 @@ impl Hub {
             next_generation: 0,
             pending: HashMap::new(),
             markers: HashMap::new(),
+            held: HashMap::new(),
+            replayed: HashMap::new(),
             out: Vec::new(),
             api_answers: Vec::new(),
             ticks: 0,
@@ -563,6 +600,9 @@ impl Hub {
         };
         self.room_ids.remove(&room.name);
         if let Some(cluster) = self.cluster.as_mut() {
+            // The slab key may name another room next.
+            cluster.held.remove(&room_id);
+            cluster.replayed.remove(&room_id);
             cluster
                 .out
                 .push(Outgoing::Subscription(Subscription::Unsubscribe {
@@ -690,8 +730,15 @@ impl Hub {
             rooms.push(RoomMembers {
                 room: room.name.to_string(),
                 users,
+                epoch: room.epoch.to_string(),
+                since: room.seen_seq,
             });
-            ids.push((room_id, room.life));
+            ids.push(Snapshot {
+                room: room_id,
+                life: room.life,
+                epoch: room.epoch.clone(),
+                since: room.seen_seq,
+            });
         }
         let users = self
             .users
@@ -708,6 +755,7 @@ impl Hub {
             self.pending_insert(req, Pending::Register { rooms: ids });
             if let Some(cluster) = self.cluster.as_mut() {
                 cluster.registering = Some(req);
+                cluster.held.clear();
             }
         }
     }
@@ -741,9 +789,13 @@ impl Hub {
         }
         if command == Some(false) || subscriber == Some(false) {
             cluster.registered = false;
-            if command == Some(false) {
-                cluster.registering = None;
-            }
+            // A registration under way is void without its command link, and
+            // without the subscriber too: what the channels carried in the gap
+            // would be in neither its answer nor the stream. The next one,
+            // once both are up, covers it.
+            cluster.registering = None;
+            cluster.held.clear();
+            cluster.replayed.clear();
         }
         if was_up && !cluster.is_up() {
             warn!("redis unavailable: refusing cluster requests until it is back");
@@ -852,10 +904,27 @@ impl Hub {
             RoomItem::Message { seq, frame } => (Some(seq), None, frame),
             RoomItem::Event { except, frame } => (None, except, frame),
         };
-        // Until this node is registered again after an outage, room traffic
-        // is not delivered (clients see the seq gap and recover with `since`).
-        if !self.cluster.as_ref().is_some_and(|c| c.registered) {
+        let Some(cluster) = self.cluster.as_mut() else {
             return;
+        };
+        if !cluster.registered {
+            // Until this node is registered again after an outage, room
+            // traffic is not delivered: messages from before the
+            // registration's snapshot come with its answer, from the history;
+            // those after it wait here for that answer.
+            if let (Some(seq), Some(_)) = (seq, cluster.registering) {
+                cluster.hold(room_id, seq, frame);
+            }
+            return;
+        }
+        if let Some(seq) = seq
+            && let Some(&replayed) = cluster.replayed.get(&room_id)
+        {
+            if seq <= replayed {
+                return;
+            }
+            // The stream is in seq order: nothing replayed comes after this.
+            cluster.replayed.remove(&room_id);
         }
         let Some(room) = self.rooms.get_mut(room_id) else {
             return;
@@ -1069,7 +1138,7 @@ impl Hub {
         }
     }
 
-    fn on_registered(&mut self, req: ReqId, rooms: &[(RoomId, u64)], result: Result<Reply, ()>) {
+    fn on_registered(&mut self, req: ReqId, rooms: &[Snapshot], result: Result<Reply, ()>) {
         let Some(cluster) = self.cluster.as_mut() else {
             return;
         };
@@ -1077,51 +1146,141 @@ impl Hub {
             return;
         }
         cluster.registering = None;
-        let Ok(Reply::Registered { rooms: states }) = result else {
+        let mut held = std::mem::take(&mut cluster.held);
+        let Ok(Reply::Registered { rooms: answers }) = result else {
             return;
         };
         cluster.registered = cluster.command_link && cluster.subscriber_link;
-        if cluster.registered {
-            info!("redis available: this node is registered");
+        if !cluster.registered {
+            // A link dropped meanwhile: the next registration starts from what
+            // the members saw, which this one leaves as it was.
+            return;
         }
-        for (&(room_id, life), state) in rooms.iter().zip(states) {
-            let Some(room) = self.rooms.get_mut(room_id) else {
-                continue;
-            };
-            if room.life != life {
+        info!("redis available: this node is registered");
+        for (snapshot, answer) in rooms.iter().zip(answers) {
+            let held = held.remove(&snapshot.room).unwrap_or_default();
+            self.room_registered(snapshot, answer, held);
+        }
+    }
+
+    /// Brings a room's members from what they saw before the outage to the
+    /// live stream: a `joined` when the epoch is new, the messages they did
+    /// not see (from the history, `lagged` for what it no longer holds),
+    /// then those that came while the registration waited.
+    fn room_registered(&mut self, snapshot: &Snapshot, answer: RegisteredRoom, held: Held) {
+        let RegisteredRoom { state, frames } = answer;
+        let Some(room) = self.rooms.get_mut(snapshot.room) else {
+            return;
+        };
+        if room.life != snapshot.life {
+            return;
+        }
+        let room_id = snapshot.room;
+        let known = !snapshot.epoch.is_empty();
+        let changed = known && *snapshot.epoch != *state.epoch;
+        room.epoch = state.epoch.as_str().into();
+        let last = held
+            .messages
+            .last()
+            .map(|&(seq, _)| seq)
+            .into_iter()
+            .chain(held.overflow.map(|(_, to)| to))
+            .fold(state.seq, u64::max);
+        room.seen_seq = last;
+        let name = room.name.clone();
+        let members = self.flowing_members(room_id);
+        // Everything of a new epoch; after what they saw of the same one.
+        let from = if changed {
+            1
+        } else {
+            snapshot.since.saturating_add(1)
+        };
+        // The history ends at `state.seq`: the replay is its part from `from`
+        // on, or less when the oldest of those fell out of it.
+        let wanted = state.seq.saturating_sub(from.saturating_sub(1));
+        let wanted = usize::try_from(wanted).unwrap_or(usize::MAX);
+        let replay = frames
+            .get(frames.len().saturating_sub(wanted)..)
+            .unwrap_or_default();
+        let first = state
+            .seq
+            .saturating_add(1)
+            .saturating_sub(replay.len() as u64);
+        if changed {
+            // Redis came back without the room: its members learn the new
+            // epoch before any of its messages, the way a `join` with
+            // `since: 0` would tell them, so that `seq - missed` is where the
+            // messages that follow start (0: every one of the new epoch).
+            let frame = FrameBuilder::new("joined", None)
+                .string("room", &name)
+                .number("count", state.count)
+                .number("seq", state.seq)
+                .string("epoch", &state.epoch)
+                .boolean("recovered", first == from)
+                .number("missed", replay.len() as u64)
+                .finish();
+            for &member in &members {
+                self.deliver(member, frame.clone(), false);
+            }
+        }
+        // A node that never learnt the room's epoch has only joining members,
+        // whose own `joined` tells them where they start.
+        if known {
+            if from < first {
+                // Published while this node was cut off and gone from the
+                // history: its members learn the range as a slow consumer would.
+                let frame = lagged_frame(&name, from, first - 1);
+                for &member in &members {
+                    self.deliver(member, frame.clone(), false);
+                }
+            }
+            for (seq, text) in (first..).zip(replay) {
+                let frame = protocol::text_frame(text);
+                for &member in &members {
+                    self.deliver_room_frame(member, room_id, Some(seq), frame.clone());
+                }
+            }
+        }
+        // Came after the snapshot: after the replay, each once.
+        for (seq, frame) in held.messages {
+            if seq <= state.seq {
                 continue;
             }
-            let changed = *room.epoch != *state.epoch && !room.epoch.is_empty();
-            room.epoch = state.epoch.as_str().into();
-            let missed = (room.seen_seq + 1, state.seq);
-            room.seen_seq = state.seq;
-            if !changed && missed.0 <= missed.1 && !room.epoch.is_empty() {
-                // Published while this node was cut off: its members learn the
-                // range as a slow consumer would, and can recover it with `since`.
-                let frame = FrameBuilder::new("lagged", None)
-                    .string("room", &room.name)
-                    .number("from_seq", missed.0)
-                    .number("to_seq", missed.1)
-                    .finish();
-                let members = room.members.clone();
-                for member in members {
-                    self.reply(member, frame.clone());
-                }
-            } else if changed {
-                // Redis came back without the room: its members learn the new
-                // epoch the way a `join` would tell them.
-                let frame = FrameBuilder::new("joined", None)
-                    .string("room", &room.name)
-                    .number("count", state.count)
-                    .number("seq", state.seq)
-                    .string("epoch", &state.epoch)
-                    .finish();
-                let members = room.members.clone();
-                for member in members {
-                    self.reply(member, frame.clone());
+            for &member in &members {
+                self.deliver_room_frame(member, room_id, Some(seq), frame.clone());
+            }
+        }
+        if let Some((from, to)) = held.overflow {
+            let from = from.max(state.seq.saturating_add(1));
+            if from <= to {
+                let frame = lagged_frame(&name, from, to);
+                for &member in &members {
+                    self.deliver(member, frame.clone(), false);
                 }
             }
         }
+        if let Some(cluster) = self.cluster.as_mut() {
+            cluster.replayed.insert(room_id, last);
+        }
+    }
+
+    /// The room's members that room traffic flows to: a joining one gets
+    /// the room's state from its own `joined`.
+    fn flowing_members(&self, room_id: RoomId) -> Vec<ConnId> {
+        let Some(room) = self.rooms.get(room_id) else {
+            return Vec::new();
+        };
+        room.members
+            .iter()
+            .copied()
+            .filter(|&conn| {
+                self.session(conn).is_some_and(|s| {
+                    s.memberships
+                        .iter()
+                        .any(|m| m.room == room_id && m.cursor.is_none())
+                })
+            })
+            .collect()
     }
 
     /// Puts an answer in its place and sends what is ready in order.
@@ -1190,6 +1349,18 @@ impl Hub {
 }
 
 impl ClusterState {
+    /// Keeps a room message for the registration's answer; past the bound,
+    /// only its seq, for a `lagged`.
+    fn hold(&mut self, room_id: RoomId, seq: u64, frame: Bytes) {
+        let held = self.held.entry(room_id).or_default();
+        if held.overflow.is_none() && held.messages.len() < MAX_BUFFERED {
+            held.messages.push((seq, frame));
+        } else {
+            let from = held.overflow.map_or(seq, |(from, _)| from);
+            held.overflow = Some((from, seq));
+        }
+    }
+
     fn is_up(&self) -> bool {
         self.command_link && self.subscriber_link && self.registered
     }
@@ -1233,6 +1404,14 @@ fn deliver_room(
             }),
         }
     }
+}
+
+fn lagged_frame(room: &str, from_seq: u64, to_seq: u64) -> Bytes {
+    FrameBuilder::new("lagged", None)
+        .string("room", room)
+        .number("from_seq", from_seq)
+        .number("to_seq", to_seq)
+        .finish()
 }
 
 fn unavailable_frame(id: Option<&RawValue>) -> Bytes {

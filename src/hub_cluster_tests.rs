@@ -106,16 +106,58 @@ fn kinds(frames: &[Value]) -> Vec<String> {
         .collect()
 }
 
+fn message_text(seq: u64) -> String {
+    format!(r#"{{"type":"message","payload":{{"room":"r","seq":{seq}}}}}"#)
+}
+
 fn room_message(seq: u64) -> Event {
     Event::Room {
         room: "r".into(),
         item: RoomItem::Message {
             seq,
-            frame: protocol::text_frame(&format!(
-                r#"{{"type":"message","payload":{{"room":"r","seq":{seq}}}}}"#
-            )),
+            frame: protocol::text_frame(&message_text(seq)),
         },
     }
+}
+
+/// A registration's answer for room "r": its state and the history frames.
+fn registered(epoch: &str, seq: u64, history: impl IntoIterator<Item = u64>) -> Reply {
+    Reply::Registered {
+        rooms: vec![RegisteredRoom {
+            state: RoomState {
+                epoch: epoch.into(),
+                seq,
+                count: 1,
+            },
+            frames: history.into_iter().map(message_text).collect(),
+        }],
+    }
+}
+
+/// Both links drop and come back (Redis restarted): the registration sent
+/// then, and the rooms it names.
+fn outage(hub: &mut Hub) -> (ReqId, Vec<RoomMembers>) {
+    hub.cluster_event(Event::CommandLink(false), NOW);
+    hub.cluster_event(Event::SubscriberLink(false), NOW);
+    hub.cluster_event(Event::CommandLink(true), NOW);
+    hub.cluster_event(Event::SubscriberLink(true), NOW);
+    out(hub)
+        .into_iter()
+        .find_map(|o| match o {
+            Outgoing::Command(Command::Register { req, rooms, .. }) => Some((req, rooms)),
+            _ => None,
+        })
+        .expect("registered again")
+}
+
+/// Alice (connection 1) in room "r" of epoch "e1", having seen up to `seq`.
+fn alice_in_r(hub: &mut Hub, seq: u64) {
+    up(hub);
+    connect(hub, 1, "alice");
+    let req = start_join(hub, 1, "j");
+    hub.cluster_event(marker(req), NOW);
+    reply(hub, req, joined(seq));
+    drain(hub, 1);
 }
 
 fn marker(req: ReqId) -> Event {
@@ -325,38 +367,23 @@ fn during_an_outage_cluster_requests_are_refused_and_leave_stays_local() {
 #[test]
 fn a_room_whose_epoch_changed_tells_its_members() {
     let mut hub = hub();
-    up(&mut hub);
-    connect(&mut hub, 1, "alice");
-    let req = start_join(&mut hub, 1, "j");
-    reply(&mut hub, req, joined(9));
-    drain(&mut hub, 1);
+    alice_in_r(&mut hub, 9);
     // Redis restarted empty: both links drop and come back.
-    hub.cluster_event(Event::CommandLink(false), NOW);
-    hub.cluster_event(Event::SubscriberLink(false), NOW);
-    hub.cluster_event(Event::CommandLink(true), NOW);
-    hub.cluster_event(Event::SubscriberLink(true), NOW);
-    let (register, rooms) = out(&mut hub)
-        .into_iter()
-        .find_map(|o| match o {
-            Outgoing::Command(Command::Register { req, rooms, .. }) => Some((req, rooms)),
-            _ => None,
-        })
-        .expect("registered again");
+    let (register, rooms) = outage(&mut hub);
     assert_eq!(rooms.len(), 1);
     assert_eq!(
         rooms[0].users,
         [("alice".into(), 1, r#"{"id":"alice","name":"alice"}"#.into())]
     );
-    let fresh = RoomState {
-        epoch: "e2".into(),
-        seq: 0,
-        count: 1,
-    };
-    reply(&mut hub, register, Reply::Registered { rooms: vec![fresh] });
+    // What the node saw, for the history it missed.
+    assert_eq!((rooms[0].epoch.as_str(), rooms[0].since), ("e1", 9));
+    reply(&mut hub, register, registered("e2", 0, []));
     let frames = drain(&mut hub, 1);
     assert_eq!(kinds(&frames), ["joined"]);
     assert_eq!(frames[0]["payload"]["epoch"], "e2");
     assert_eq!(frames[0]["payload"]["seq"], 0);
+    assert_eq!(frames[0]["payload"]["recovered"], true);
+    assert_eq!(frames[0]["payload"]["missed"], 0);
     assert!(frames[0].get("id").is_none());
     hub.cluster_event(room_message(1), NOW);
     assert_eq!(seqs(&drain(&mut hub, 1)), [1]);
@@ -383,12 +410,8 @@ fn messages_missed_while_cut_off_are_reported_as_lagged() {
             _ => None,
         })
         .expect("registered again");
-    let same = RoomState {
-        epoch: "e1".into(),
-        seq: 7,
-        count: 1,
-    };
-    reply(&mut hub, register, Reply::Registered { rooms: vec![same] });
+    // The history no longer holds what was published meanwhile.
+    reply(&mut hub, register, registered("e1", 7, []));
     let frames = drain(&mut hub, 1);
     assert_eq!(kinds(&frames), ["lagged"]);
     assert_eq!(
@@ -397,6 +420,129 @@ fn messages_missed_while_cut_off_are_reported_as_lagged() {
     );
     hub.cluster_event(room_message(8), NOW);
     assert_eq!(seqs(&drain(&mut hub, 1)), [8]);
+}
+
+#[test]
+fn messages_missed_while_cut_off_come_from_the_history() {
+    let mut hub = hub();
+    alice_in_r(&mut hub, 3);
+    let (register, rooms) = outage(&mut hub);
+    assert_eq!((rooms[0].epoch.as_str(), rooms[0].since), ("e1", 3));
+    // Redis kept the room; 4..=6 were published meanwhile, 5 and 6 are still
+    // in the history.
+    reply(&mut hub, register, registered("e1", 6, [5, 6]));
+    let frames = drain(&mut hub, 1);
+    assert_eq!(kinds(&frames), ["lagged", "message", "message"]);
+    assert_eq!(
+        frames[0]["payload"],
+        json!({"room": "r", "from_seq": 4, "to_seq": 4})
+    );
+    assert_eq!(seqs(&frames), [5, 6]);
+    hub.check_invariants().unwrap();
+}
+
+/// The late node of the issue: Redis came back empty, another node registered
+/// first and its clients published 1..=3 before this node's snapshot, 4 and 5
+/// after it but before its answer. Alice gets the new epoch's `joined`, then
+/// every message once, in seq order.
+#[test]
+fn a_late_registration_replays_the_new_epoch_then_what_waited() {
+    let mut hub = hub();
+    alice_in_r(&mut hub, 9);
+    let (register, _) = outage(&mut hub);
+    // While the answer is awaited: 2 and 3 (the subscriber came back after
+    // 1 went by), then 4 and 5.
+    for seq in 2..=5 {
+        hub.cluster_event(room_message(seq), NOW);
+    }
+    assert!(drain(&mut hub, 1).is_empty(), "nothing before `joined`");
+    reply(&mut hub, register, registered("e2", 3, 1..=3));
+    hub.cluster_event(room_message(6), NOW);
+    let frames = drain(&mut hub, 1);
+    assert_eq!(kinds(&frames)[0], "joined");
+    assert!(frames[0].get("id").is_none());
+    assert_eq!(frames[0]["payload"]["epoch"], "e2");
+    // As a `join` with `since: 0` would say it: seq - missed = 0 is where
+    // the messages that follow start.
+    assert_eq!(frames[0]["payload"]["seq"], 3);
+    assert_eq!(frames[0]["payload"]["recovered"], true);
+    assert_eq!(frames[0]["payload"]["missed"], 3);
+    assert_eq!(seqs(&frames), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(frames.len(), 7, "{frames:?}");
+    hub.check_invariants().unwrap();
+}
+
+/// The answer may overtake messages published before the snapshot (they come
+/// by another connection): those went out with the replay and are dropped.
+#[test]
+fn messages_the_replay_gave_are_not_given_twice() {
+    let mut hub = hub();
+    alice_in_r(&mut hub, 9);
+    let (register, _) = outage(&mut hub);
+    // The history of the new epoch lost its first message already.
+    reply(&mut hub, register, registered("e2", 3, 2..=3));
+    for seq in 2..=4 {
+        hub.cluster_event(room_message(seq), NOW);
+    }
+    let frames = drain(&mut hub, 1);
+    assert_eq!(
+        kinds(&frames),
+        ["joined", "lagged", "message", "message", "message"]
+    );
+    assert_eq!(frames[0]["payload"]["recovered"], false);
+    assert_eq!(frames[0]["payload"]["missed"], 2);
+    assert_eq!(
+        frames[1]["payload"],
+        json!({"room": "r", "from_seq": 1, "to_seq": 1})
+    );
+    assert_eq!(seqs(&frames), [2, 3, 4]);
+}
+
+#[test]
+fn messages_past_the_bound_while_registering_are_reported_as_lagged() {
+    let mut hub = hub();
+    alice_in_r(&mut hub, 0);
+    let (register, _) = outage(&mut hub);
+    let last = MAX_BUFFERED as u64 + 5;
+    for seq in 1..=last {
+        hub.cluster_event(room_message(seq), NOW);
+    }
+    reply(&mut hub, register, registered("e2", 0, []));
+    let frames = drain(&mut hub, 1);
+    assert_eq!(frames.len(), 2 + MAX_BUFFERED, "joined, held, lagged");
+    assert_eq!(frames[0]["type"], "joined");
+    assert_eq!(seqs(&frames), (1..=MAX_BUFFERED as u64).collect::<Vec<_>>());
+    assert_eq!(
+        frames[frames.len() - 1]["payload"],
+        json!({"room": "r", "from_seq": MAX_BUFFERED + 1, "to_seq": last})
+    );
+}
+
+/// A subscriber that drops while the registration is under way loses what
+/// its channels carried meanwhile: that registration is void, the next one
+/// (once the subscriber is back) starts from what alice saw.
+#[test]
+fn a_registration_is_redone_when_the_subscriber_drops_meanwhile() {
+    let mut hub = hub();
+    alice_in_r(&mut hub, 2);
+    let (first, _) = outage(&mut hub);
+    hub.cluster_event(room_message(3), NOW);
+    hub.cluster_event(Event::SubscriberLink(false), NOW);
+    reply(&mut hub, first, registered("e1", 3, [3]));
+    assert_eq!(hub.cluster_up(), Some(false));
+    assert!(drain(&mut hub, 1).is_empty());
+    hub.cluster_event(Event::SubscriberLink(true), NOW);
+    let (second, rooms) = out(&mut hub)
+        .into_iter()
+        .find_map(|o| match o {
+            Outgoing::Command(Command::Register { req, rooms, .. }) => Some((req, rooms)),
+            _ => None,
+        })
+        .expect("registered again");
+    assert_eq!(rooms[0].since, 2);
+    reply(&mut hub, second, registered("e1", 4, [3, 4]));
+    assert_eq!(hub.cluster_up(), Some(true));
+    assert_eq!(seqs(&drain(&mut hub, 1)), [3, 4]);
 }
 
 #[test]

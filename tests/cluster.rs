@@ -93,8 +93,12 @@ fn redis_server() -> String {
 
 /// A node on `redis`, once it reports itself healthy (registered).
 fn node(redis: &Redis, extra: &[&str]) -> TestServer {
-    let url = redis.url();
-    let mut args = vec!["--redis", url.as_str(), "--api-key", API_KEY];
+    node_at(&redis.url(), extra)
+}
+
+/// A node on the Redis at `url`, once it reports itself healthy.
+fn node_at(url: &str, extra: &[&str]) -> TestServer {
+    let mut args = vec!["--redis", url, "--api-key", API_KEY];
     args.extend_from_slice(extra);
     let server = TestServer::start(&args);
     eventually(&format!("node {} healthy", server.addr), || {
@@ -692,4 +696,249 @@ fn a_node_starts_without_redis_and_joins_when_it_appears() {
         http(server.addr, "GET", "/health", "").0 == 200
     });
     assert_eq!(alice.join("r")["payload"]["count"], 1);
+}
+
+/// A Redis user for node B, so the test decides when B gets back in: a
+/// Redis that lacks the user refuses B's connections, and B retries with its
+/// backoff until the user exists again.
+const NODE_B_USER: &str = "node-b";
+const NODE_B_PASSWORD: &str = "node-b-password";
+
+fn admin(redis: &Redis) -> redis::Connection {
+    redis::Client::open(redis.url())
+        .and_then(|client| client.get_connection())
+        .expect("an admin connection to Redis")
+}
+
+fn let_node_b_in(admin: &mut redis::Connection) {
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(NODE_B_USER)
+        .arg("on")
+        .arg(format!(">{NODE_B_PASSWORD}"))
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .query(admin)
+        .expect("ACL SETUSER");
+}
+
+fn node_b_url(redis: &Redis) -> String {
+    format!(
+        "redis://{NODE_B_USER}:{NODE_B_PASSWORD}@127.0.0.1:{}",
+        redis.port
+    )
+}
+
+/// Reads frames into `log` until one satisfies `done` (bounded by `deadline`).
+fn read_until(
+    client: &mut Client,
+    log: &mut Vec<Value>,
+    deadline: std::time::Instant,
+    what: &str,
+    mut done: impl FnMut(&Value) -> bool,
+) {
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        let frame = client.recv();
+        let stop = done(&frame);
+        log.push(frame);
+        if stop {
+            return;
+        }
+    }
+}
+
+/// A member's frames since Redis went away, against §11: a `joined` without
+/// `id` carrying the new epoch before any message, then every seq of the new
+/// epoch once and in order up to `last`, a gap only where a `lagged` covers it.
+/// Returns the seq the `joined` carried.
+fn check_new_epoch(who: &str, frames: &[Value], old_epoch: &str, last: u64) -> u64 {
+    for frame in frames {
+        assert_ne!(frame["type"], "error", "{who}: {frame}");
+    }
+    let start = frames
+        .iter()
+        .position(|f| f["type"] == "joined")
+        .unwrap_or_else(|| panic!("{who}: no joined of the new epoch in {frames:?}"));
+    let joined = &frames[start];
+    assert!(joined.get("id").is_none(), "{who}: {joined}");
+    assert_eq!(joined["payload"]["room"], "mixed", "{who}: {joined}");
+    let epoch = joined["payload"]["epoch"].as_str().unwrap_or_default();
+    assert!(!epoch.is_empty() && epoch != old_epoch, "{who}: {joined}");
+    assert!(
+        frames[..start].iter().all(|f| f["type"] != "message"),
+        "{who}: a message before the joined of the new epoch: {frames:?}"
+    );
+    let mut seqs = Vec::new();
+    let mut lagged = Vec::new();
+    for frame in &frames[start + 1..] {
+        let payload = &frame["payload"];
+        match frame["type"].as_str() {
+            Some("message") => seqs.push(payload["seq"].as_u64().unwrap()),
+            Some("lagged") => lagged.push((
+                payload["from_seq"].as_u64().unwrap(),
+                payload["to_seq"].as_u64().unwrap(),
+            )),
+            Some("joined") => panic!("{who}: a second joined: {frame}"),
+            _ => {}
+        }
+    }
+    assert!(
+        seqs.windows(2).all(|pair| pair[0] < pair[1]),
+        "{who}: seqs not strictly increasing (a duplicate or out of order): {seqs:?}"
+    );
+    for seq in 1..=last {
+        assert!(
+            seqs.binary_search(&seq).is_ok()
+                || lagged.iter().any(|&(from, to)| from <= seq && seq <= to),
+            "{who}: seq {seq} neither delivered nor reported lagged: {seqs:?}, lagged {lagged:?}"
+        );
+    }
+    assert_eq!(seqs.last().copied(), Some(last), "{who}: {seqs:?}");
+    // The history holds the whole run and nobody reads slowly: what the late
+    // node missed comes from the history, not as a `lagged`.
+    assert!(lagged.is_empty(), "{who}: lagged {lagged:?}");
+    // Announced as a `join` with `since: 0` would: `seq - missed` (0) is
+    // where the messages that follow start.
+    assert_eq!(
+        joined["payload"]["missed"], joined["payload"]["seq"],
+        "{who}"
+    );
+    assert_eq!(joined["payload"]["recovered"], true, "{who}");
+    joined["payload"]["seq"].as_u64().unwrap()
+}
+
+/// Redis restarts empty and node B gets back in well after node A, while a
+/// client of A publishes all along: B's members get the new epoch's `joined`
+/// first, then every message of the new epoch once and in order, those
+/// published before B re-registered included (§11 "Cluster details").
+#[test]
+fn a_node_re_registering_late_after_an_empty_restart_misses_nothing() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let_node_b_in(&mut admin(&redis));
+    // Alice publishes as fast as her echoes come back, and the others read
+    // only at the end: no rate limit, a history and outbound queues that hold
+    // the whole run (a few thousand messages at most).
+    let flags = [
+        "--rate-limit",
+        "0",
+        "--history",
+        "100000",
+        "--write-buffer-soft",
+        "67108864",
+        "--write-buffer-hard",
+        "134217728",
+    ];
+    let a = node(&redis, &flags);
+    let b = node_at(&node_b_url(&redis), &flags);
+
+    let mut alice = a.connect("alice");
+    let mut carol = a.connect("carol");
+    let mut bob = b.connect("bob");
+    let mut dave = b.connect("dave");
+    let old_epoch = alice.join("mixed")["payload"]["epoch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for client in [&mut carol, &mut bob, &mut dave] {
+        assert_eq!(client.join("mixed")["payload"]["epoch"], old_epoch.as_str());
+    }
+    send(&mut alice, "mixed", json!("before"), Some("m"));
+    assert_eq!(ack_and_echo(&mut alice), (1, 1));
+    for client in [&mut carol, &mut bob, &mut dave] {
+        assert_eq!(recv_kinds(client, &["message"])["payload"]["seq"], 1);
+    }
+
+    redis.kill();
+    for server in [&a, &b] {
+        eventually("/health 503", || {
+            http(server.addr, "GET", "/health", "").0 == 503
+        });
+    }
+    // Empty, and without node B's user: only node A gets back in for now.
+    let redis = Redis::start_on(port);
+    eventually("node A back", || {
+        http(a.addr, "GET", "/health", "").0 == 200
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut alice_log = Vec::new();
+    read_until(
+        &mut alice,
+        &mut alice_log,
+        deadline,
+        "alice's joined",
+        |f| f["type"] == "joined",
+    );
+
+    // Alice publishes all along, each message once the one before came back.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (echoes, echoed) = std::sync::mpsc::channel::<u64>();
+    let publisher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                send(&mut alice, "mixed", json!(n), None);
+                read_until(&mut alice, &mut alice_log, deadline, "alice's echo", |f| {
+                    f["type"] == "message" && f["payload"]["content"] == n
+                });
+                let _ = echoes.send(n);
+                n += 1;
+            }
+            (alice, alice_log)
+        })
+    };
+    // Twenty of them while node B is still out.
+    while echoed
+        .recv_timeout(common::WAIT)
+        .expect("alice's messages go on")
+        < 19
+    {}
+    assert_eq!(http(b.addr, "GET", "/health", "").0, 503, "B is still out");
+
+    // Node B gets back in (at its next reconnect attempt) while alice goes on.
+    let_node_b_in(&mut admin(&redis));
+    let mut bob_log = Vec::new();
+    read_until(&mut bob, &mut bob_log, deadline, "bob's joined", |f| {
+        f["type"] == "joined"
+    });
+    let late_seq = bob_log.last().unwrap()["payload"]["seq"].as_u64().unwrap();
+    assert!(late_seq >= 20, "B re-registered after alice's messages");
+    // Then some more, live across both nodes.
+    read_until(
+        &mut bob,
+        &mut bob_log,
+        deadline,
+        "live messages on B",
+        |f| f["type"] == "message" && f["payload"]["seq"].as_u64() > Some(late_seq + 20),
+    );
+    stop.store(true, Ordering::Relaxed);
+    let (mut alice, mut alice_log) = publisher.join().expect("the publisher");
+
+    // One last message, from node B, closes everyone's sequence.
+    send(&mut bob, "mixed", json!("end"), Some("end"));
+    let is_end = |f: &Value| f["type"] == "message" && f["payload"]["content"] == "end";
+    let mut carol_log = Vec::new();
+    let mut dave_log = Vec::new();
+    read_until(&mut bob, &mut bob_log, deadline, "the end", is_end);
+    let last = bob_log.last().unwrap()["payload"]["seq"].as_u64().unwrap();
+    for (client, log) in [
+        (&mut alice, &mut alice_log),
+        (&mut carol, &mut carol_log),
+        (&mut dave, &mut dave_log),
+    ] {
+        read_until(client, log, deadline, "the end", is_end);
+    }
+    for (who, log) in [("alice", &alice_log), ("carol", &carol_log)] {
+        check_new_epoch(who, log, &old_epoch, last);
+    }
+    for (who, log) in [("bob", &bob_log), ("dave", &dave_log)] {
+        let seq = check_new_epoch(who, log, &old_epoch, last);
+        assert!(seq >= 20, "{who}: joined at seq {seq}");
+    }
 }

@@ -8,8 +8,7 @@
 
 pub mod assets;
 pub mod auth;
-pub mod bridge;
-pub mod cluster;
+pub mod backplane;
 pub mod config;
 pub mod http;
 pub mod hub;

@@ -23,7 +23,7 @@ use std::sync::OnceLock;
 
 use roomcast::auth::{Identity, RoomAccess, TokenClaims, Verifier, sign};
 use roomcast::http::{self, Decision, Endpoint, HttpRoute, Policy, RejectReason, TokenCheck};
-use roomcast::hub::{CloseRequest, ConnId, Hub, HubConfig, Millis};
+use roomcast::hub::{ApiAnswer, CloseRequest, ConnId, Hub, HubConfig, Millis};
 use roomcast::outbound::{Marks, Staging};
 use roomcast::protocol::{self, ErrorCode, MAX_ID_BYTES, RequestBody};
 use serde_json::value::RawValue;
@@ -803,13 +803,16 @@ fn api_publish_body(input: &mut Input<'_>) -> Vec<u8> {
 }
 
 /// An API answer is a JSON object; a refusal has a message.
-fn check_api_answer(answer: &Result<String, String>, step: usize) {
+fn check_api_answer(answer: &Option<ApiAnswer>, step: usize) {
     match answer {
-        Ok(body) => assert!(
+        Some(ApiAnswer::Ok(body)) => assert!(
             serde_json::from_str::<Value>(body).is_ok_and(|value| value.is_object()),
             "step {step}: API answer {body:?}"
         ),
-        Err(message) => assert!(!message.is_empty(), "step {step}: empty API error"),
+        Some(ApiAnswer::BadRequest(message)) => {
+            assert!(!message.is_empty(), "step {step}: empty API error")
+        }
+        other => panic!("step {step}: a local hub answers at once: {other:?}"),
     }
 }
 
@@ -985,7 +988,7 @@ impl Harness {
             }
             op::API_PUBLISH => {
                 let body = api_publish_body(input);
-                let answer = self.hub.api_publish(&body, self.now);
+                let answer = self.hub.api_publish(&body, self.now, 0);
                 check_api_answer(&answer, self.step);
             }
             op::API_DISCONNECT => {
@@ -999,7 +1002,7 @@ impl Harness {
                         input.take(len).to_vec()
                     }
                 };
-                let answer = self.hub.api_disconnect(&body, self.now);
+                let answer = self.hub.api_disconnect(&body, self.now, 0);
                 check_api_answer(&answer, self.step);
             }
             op::RESTART => self.restart(),

@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use super::server::Server;
-use crate::cluster::{self, Outgoing};
+use crate::backplane::redis::RedisBackplane;
+use crate::backplane::redis::commands::{Event, Outgoing};
 use crate::hub::Millis;
 
 /// Most bridge events handled in one loop iteration; the rest wait for the next.
@@ -25,11 +26,15 @@ impl Server {
             let Some(bridge) = &self.bridge else {
                 return;
             };
-            match bridge.events.try_recv() {
-                Ok(event) => self.hub.cluster_event(event, now),
-                Err(_) => return,
+            let Ok(event) = bridge.events.try_recv() else {
+                self.hub.backplane_changed(now);
+                return;
+            };
+            if let Some(redis) = self.hub.backplane_mut::<RedisBackplane>() {
+                redis.on_event(event, now);
             }
         }
+        self.hub.backplane_changed(now);
         self.bridge_backlog = true;
     }
 
@@ -38,7 +43,9 @@ impl Server {
         let Some(bridge) = &self.bridge else {
             return;
         };
-        self.hub.take_cluster_out(&mut self.outgoing);
+        if let Some(redis) = self.hub.backplane_mut::<RedisBackplane>() {
+            redis.take_outgoing(&mut self.outgoing);
+        }
         for outgoing in self.outgoing.drain(..) {
             match outgoing {
                 Outgoing::Command(command) => bridge.command(command),
@@ -52,7 +59,7 @@ impl Server {
         if self.bridge.is_none() {
             return;
         }
-        self.hub.cluster_shutdown();
+        self.hub.shutdown_backplane();
         self.send_to_bridge();
         let Some(bridge) = &self.bridge else {
             return;
@@ -60,7 +67,7 @@ impl Server {
         let until = Instant::now() + BRIDGE_STOP_WAIT;
         while let Some(left) = until.checked_duration_since(Instant::now()) {
             match bridge.events.recv_timeout(left) {
-                Ok(cluster::Event::Stopped) | Err(_) => break,
+                Ok(Event::Stopped) | Err(_) => break,
                 Ok(_) => continue,
             }
         }

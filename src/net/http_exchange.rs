@@ -12,7 +12,7 @@ use super::server::{DEMO_TOKEN_TTL_SECS, Server, ServerTimer};
 use crate::assets;
 use crate::auth::{self, Identity, TokenClaims};
 use crate::http::{self, Decision, Endpoint, HttpRoute, Policy, RejectReason};
-use crate::hub::{ApiAnswer, ApiKind, Millis};
+use crate::hub::{ApiAnswer, Millis};
 use crate::outbound::OutboundQueue;
 
 const JSON: &str = "application/json";
@@ -259,7 +259,7 @@ impl Server {
         };
         let response = match route {
             // With --redis, a node that cannot reach Redis is not healthy (§10).
-            HttpRoute::Health if self.hub.cluster_up() == Some(false) => {
+            HttpRoute::Health if self.hub.backplane_reachable() == Some(false) => {
                 respond(503, JSON, br#"{"status":"unavailable"}"#)
             }
             HttpRoute::Health => respond(200, JSON, br#"{"status":"ok"}"#),
@@ -323,22 +323,10 @@ impl Server {
         now: Millis,
         serial: u64,
     ) -> Option<(Vec<u8>, bool)> {
-        let kind = if route == HttpRoute::Publish {
-            ApiKind::Publish
+        let answer = if route == HttpRoute::Publish {
+            self.hub.api_publish(body, now, serial)?
         } else {
-            ApiKind::Disconnect
-        };
-        let answer = if self.hub.is_cluster() {
-            self.hub.cluster_api(kind, body, now, serial)?
-        } else {
-            let answer = match kind {
-                ApiKind::Publish => self.hub.api_publish(body, now),
-                ApiKind::Disconnect => self.hub.api_disconnect(body, now),
-            };
-            match answer {
-                Ok(json) => ApiAnswer::Ok(json),
-                Err(message) => ApiAnswer::BadRequest(message),
-            }
+            self.hub.api_disconnect(body, now, serial)?
         };
         Some(self.api_response(answer, keep_alive))
     }

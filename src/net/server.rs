@@ -16,8 +16,9 @@ use super::accept::{AcceptPause, listen};
 use super::connection::{Connection, SharedInput};
 use super::persistence::restore_state;
 use crate::auth::{self, TokenClaims, Verifier};
-use crate::bridge::Bridge;
-use crate::cluster::{self, Outgoing};
+use crate::backplane::redis::RedisBackplane;
+use crate::backplane::redis::bridge::Bridge;
+use crate::backplane::redis::commands::{self, Outgoing};
 use crate::config::ServerArgs;
 use crate::hub::{ApiAnswer, Hub, HubConfig, Millis};
 use crate::metrics::Gauges;
@@ -153,7 +154,7 @@ impl Server {
             .write_buffer_size(0)
             .max_message_size(Some(max_message))
             .max_frame_size(Some(max_message));
-        let mut hub = Hub::new(HubConfig {
+        let config = HubConfig {
             history: args.history,
             max_rooms_per_connection: args.max_rooms_per_connection,
             typing_timeout_ms: args.typing_timeout_ms,
@@ -166,20 +167,24 @@ impl Server {
                 hard: args.write_buffer_hard,
             },
             verifier: verifier.clone(),
-        });
-        let bridge = match &args.redis {
+        };
+        // The one place that picks the backplane: everything above it is the same.
+        let (mut hub, bridge) = match &args.redis {
             Some(url) => {
                 if args.state_file.is_some() {
                     warn!("--state-file is ignored with --redis: Redis holds the rooms");
                 }
                 let waker = mio::Waker::new(poll.registry(), BRIDGE)?;
-                let process = cluster::random_id();
+                let process = commands::random_id();
                 let bridge = Bridge::start(url, args.history, process.clone(), waker)
                     .map_err(|error| ServerError::Redis(error.to_string()))?;
-                hub.enable_cluster(process, now_ms());
-                Some(bridge)
+                let backplane = RedisBackplane::new(process, now_ms());
+                (
+                    Hub::with_backplane(config, Box::new(backplane)),
+                    Some(bridge),
+                )
             }
-            None => None,
+            None => (Hub::new(config), None),
         };
         let snapshots = match (&args.state_file, &bridge) {
             (Some(path), None) => restore_state(&mut hub, path),
@@ -344,7 +349,7 @@ impl Server {
         Gauges {
             connections: self.hub.connection_count(),
             rooms: self.hub.occupied_room_count(),
-            redis_up: self.hub.cluster_up(),
+            redis_up: self.hub.backplane_reachable(),
         }
     }
 

@@ -2361,9 +2361,8 @@ fn api_publish_to_a_room_comes_from_the_server_user_and_takes_a_seq() {
     join(&mut hub, 0, "lobby");
     join(&mut hub, 1, "lobby");
     drain_all(&mut hub, &[0, 1]);
-    let answer = hub
-        .api_publish(br#"{"room":"lobby","content":{"n":1}}"#, NOW + 5)
-        .unwrap();
+    let answer =
+        api_result(hub.api_publish(br#"{"room":"lobby","content":{"n":1}}"#, NOW + 5, 0)).unwrap();
     assert_eq!(answer, r#"{"delivered":2,"seq":1}"#);
     for conn in [0, 1] {
         let frames = drain(&mut hub, conn);
@@ -2379,9 +2378,8 @@ fn api_publish_to_a_room_comes_from_the_server_user_and_takes_a_seq() {
 #[test]
 fn api_publish_to_an_empty_room_enters_its_history() {
     let mut hub = new_hub();
-    let answer = hub
-        .api_publish(br#"{"room":"later","content":"early"}"#, NOW)
-        .unwrap();
+    let answer =
+        api_result(hub.api_publish(br#"{"room":"later","content":"early"}"#, NOW, 0)).unwrap();
     assert_eq!(answer, r#"{"delivered":0,"seq":1}"#);
     connect(&mut hub, 0, "alice");
     send(
@@ -2400,9 +2398,7 @@ fn api_publish_to_a_user_is_a_direct_from_the_server() {
     hub.connect(0, identity("bob"), None, NOW);
     hub.connect(1, identity("bob"), None, NOW);
     drain_all(&mut hub, &[0, 1]);
-    let answer = hub
-        .api_publish(br#"{"user":"bob","content":null}"#, NOW)
-        .unwrap();
+    let answer = api_result(hub.api_publish(br#"{"user":"bob","content":null}"#, NOW, 0)).unwrap();
     assert_eq!(answer, r#"{"delivered":2}"#);
     assert_eq!(
         drain(&mut hub, 1),
@@ -2411,8 +2407,7 @@ fn api_publish_to_a_user_is_a_direct_from_the_server() {
         ]
     );
     assert_eq!(
-        hub.api_publish(br#"{"user":"nobody","content":1}"#, NOW)
-            .unwrap(),
+        api_result(hub.api_publish(br#"{"user":"nobody","content":1}"#, NOW, 0)).unwrap(),
         r#"{"delivered":0}"#
     );
 }
@@ -2426,7 +2421,7 @@ fn api_publish_refuses_bad_bodies() {
         br#"{"room":"a"}"#,
         b"not json",
     ] {
-        assert!(hub.api_publish(body, NOW).is_err());
+        assert!(api_result(hub.api_publish(body, NOW, 0)).is_err());
     }
     assert_eq!(hub.known_room_count(), 0, "nothing was created");
 }
@@ -2438,16 +2433,16 @@ fn api_disconnect_closes_every_connection_of_the_user_with_4003() {
     hub.connect(1, identity("bob"), None, NOW);
     connect(&mut hub, 2, "alice");
     assert_eq!(
-        hub.api_disconnect(br#"{"user":"bob"}"#, NOW).unwrap(),
+        api_result(hub.api_disconnect(br#"{"user":"bob"}"#, NOW, 0)).unwrap(),
         r#"{"closed":2}"#
     );
     let codes: Vec<(ConnId, u16)> = closes(&mut hub).iter().map(|c| (c.conn, c.code)).collect();
     assert_eq!(codes, [(0, 4003), (1, 4003)]);
     assert_eq!(
-        hub.api_disconnect(br#"{"user":"bob"}"#, NOW).unwrap(),
+        api_result(hub.api_disconnect(br#"{"user":"bob"}"#, NOW, 0)).unwrap(),
         r#"{"closed":0}"#
     );
-    assert!(hub.api_disconnect(br#"{"name":"bob"}"#, NOW).is_err());
+    assert!(api_result(hub.api_disconnect(br#"{"name":"bob"}"#, NOW, 0)).is_err());
     hub.check_invariants().unwrap();
 }
 
@@ -2480,4 +2475,13 @@ fn rooms_survive_export_and_import_for_recovery() {
         .collect();
     assert_eq!(seqs, [3, 4, 5]);
     restarted.check_invariants().unwrap();
+}
+
+/// A server API answer as the tests read it: the `200` JSON, or the `400` text.
+fn api_result(answer: Option<ApiAnswer>) -> Result<String, String> {
+    match answer {
+        Some(ApiAnswer::Ok(json)) => Ok(json),
+        Some(ApiAnswer::BadRequest(message)) => Err(message),
+        other => panic!("a local hub answers at once: {other:?}"),
+    }
 }

@@ -4,7 +4,7 @@
 //! values: [`Command`]s for the command connection, [`Subscription`] changes
 //! for the pub/sub connection, and the [`Event`]s both report to the loop. The
 //! [`Hub`](crate::hub::Hub) produces the first two and consumes the third; the
-//! threads of [`bridge`](crate::bridge) carry them to and from Redis.
+//! threads of [`bridge`](super::bridge) carry them to and from Redis.
 //!
 //! What lives in Redis (every key under `rc:`):
 //!
@@ -36,6 +36,7 @@
 
 use bytes::Bytes;
 
+pub use crate::backplane::UserItem;
 use crate::protocol;
 
 /// Identifies a request whose answer the hub waits for.
@@ -328,15 +329,6 @@ pub enum RoomItem {
     },
 }
 
-/// An item on the users channel.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UserItem {
-    /// A `direct` frame, ready to send to each of the user's connections.
-    Direct(Bytes),
-    /// Close each of the user's connections with 4003 (`/api/disconnect`).
-    Kick,
-}
-
 /// What the bridge threads report to the loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -478,193 +470,36 @@ pub fn random_id() -> String {
     format!("{value:016x}")
 }
 
-/// A fresh epoch: 128 random bits as hex.
-pub fn random_epoch() -> String {
-    format!("{}{}", random_id(), random_id())
-}
-
 /// Helpers shared by the scripts.
-const PRELUDE: &str = r#"
-local function alive(cache, node)
-  local a = cache[node]
-  if a == nil then
-    a = redis.call('EXISTS', 'rc:node:' .. node) == 1
-    cache[node] = a
-  end
-  return a
-end
-local function count_of(value)
-  return tonumber(string.sub(value, 1, string.find(value, '|', 1, true) - 1))
-end
--- Removes the entries of dead nodes from a room's p, u and c hashes.
-local function purge(p, u, c)
-  local cache, dead, any = {}, {}, false
-  for _, node in ipairs(redis.call('HKEYS', c)) do
-    if not alive(cache, node) then
-      dead[node] = true
-      any = true
-      redis.call('HDEL', c, node)
-    end
-  end
-  if not any then return end
-  local flat = redis.call('HGETALL', p)
-  for i = 1, #flat, 2 do
-    local field = flat[i]
-    local bar = string.find(field, '|', 1, true)
-    if dead[string.sub(field, 1, bar - 1)] then
-      local user = string.sub(field, bar + 1)
-      if redis.call('HINCRBY', u, user, -count_of(flat[i + 1])) <= 0 then
-        redis.call('HDEL', u, user)
-      end
-      redis.call('HDEL', p, field)
-    end
-  end
-end
-local function ensure_room(key, fresh)
-  local epoch = redis.call('HGET', key, 'epoch')
-  if not epoch then
-    epoch = fresh
-    redis.call('HSET', key, 'epoch', epoch, 'seq', 0)
-  end
-  return epoch
-end
--- Sets this node's connections of a user in a room; returns the user's
--- connections on every live node before.
-local function set_member(p, u, c, node, user, n, user_json)
-  local field = node .. '|' .. user
-  local old = redis.call('HGET', p, field)
-  local was = 0
-  if old then was = count_of(old) end
-  local before = tonumber(redis.call('HGET', u, user) or '0')
-  if n > 0 then
-    redis.call('HSET', p, field, n .. '|' .. user_json)
-  else
-    redis.call('HDEL', p, field)
-  end
-  local delta = n - was
-  if delta ~= 0 then
-    if redis.call('HINCRBY', u, user, delta) <= 0 then redis.call('HDEL', u, user) end
-    if redis.call('HINCRBY', c, node, delta) <= 0 then redis.call('HDEL', c, node) end
-  end
-  return before
-end
-"#;
+const PRELUDE: &str = include_str!("scripts/prelude.lua");
 
 /// KEYS: room, history, p, u, c. ARGV: fresh epoch, node, user, local count,
 /// user JSON, TTL ms, channel, room as JSON, marker, since or '', epoch or ''.
 /// Returns {epoch, seq, count, history length, frames after since...}.
-const JOIN_BODY: &str = r#"
-purge(KEYS[3], KEYS[4], KEYS[5])
-local epoch = ensure_room(KEYS[1], ARGV[1])
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
-local before = set_member(KEYS[3], KEYS[4], KEYS[5], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5])
-local count = redis.call('HLEN', KEYS[4])
-if before == 0 then
-  redis.call('PUBLISH', ARGV[7], 'e' .. #ARGV[3] .. ':' .. ARGV[3] ..
-    '{"type":"user_joined","payload":{"room":' .. ARGV[8] .. ',"user":' .. ARGV[5] ..
-    ',"count":' .. count .. '}}')
-end
-redis.call('PUBLISH', ARGV[7], ARGV[9])
-for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
-local len = redis.call('LLEN', KEYS[2])
-local out = {epoch, seq, count, len}
-if ARGV[10] ~= '' and (ARGV[11] == '' or ARGV[11] == epoch) then
-  local since = tonumber(ARGV[10])
-  if since < seq then
-    local start = since - seq + len
-    if start < 0 then start = 0 end
-    for _, frame in ipairs(redis.call('LRANGE', KEYS[2], start, -1)) do out[#out + 1] = frame end
-  end
-end
-return out
-"#;
+const JOIN_BODY: &str = include_str!("scripts/join.lua");
 
 /// KEYS: room, history, c. ARGV: fresh epoch, --history, TTL ms, channel,
 /// frame head, frame tail. Returns {seq, connections of members on live nodes}.
-const PUBLISH_BODY: &str = r#"
-ensure_room(KEYS[1], ARGV[1])
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-local frame = ARGV[5] .. seq .. ARGV[6]
-local keep = tonumber(ARGV[2])
-if keep > 0 then
-  redis.call('RPUSH', KEYS[2], frame)
-  redis.call('LTRIM', KEYS[2], -keep, -1)
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
-else
-  redis.call('DEL', KEYS[2])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PUBLISH', ARGV[4], 'm' .. seq .. ':' .. frame)
-local cache, delivered = {}, 0
-local flat = redis.call('HGETALL', KEYS[3])
-for i = 1, #flat, 2 do
-  if alive(cache, flat[i]) then delivered = delivered + tonumber(flat[i + 1]) end
-end
-return {seq, delivered}
-"#;
+const PUBLISH_BODY: &str = include_str!("scripts/publish.lua");
 
 /// KEYS: p, u, c. ARGV: node, user, local count, user JSON, TTL ms, channel,
 /// room as JSON. Publishes `user_left` when the user was in the room and is
 /// now on no live node.
-const MEMBER_BODY: &str = r#"
-purge(KEYS[1], KEYS[2], KEYS[3])
-local before = set_member(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4])
-if before > 0 and redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then
-  redis.call('PUBLISH', ARGV[6], 'e0:{"type":"user_left","payload":{"room":' .. ARGV[7] ..
-    ',"user":' .. ARGV[4] .. ',"count":' .. redis.call('HLEN', KEYS[2]) .. '}}')
-end
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
-return 1
-"#;
+const MEMBER_BODY: &str = include_str!("scripts/member.lua");
 
 /// KEYS: p, u, c. Returns the live entries of p as a flat list.
-const PRESENCE_BODY: &str = r#"
-purge(KEYS[1], KEYS[2], KEYS[3])
-return redis.call('HGETALL', KEYS[1])
-"#;
+const PRESENCE_BODY: &str = include_str!("scripts/presence.lua");
 
 /// KEYS: user. ARGV: channel, envelope. Publishes when the user has a
 /// connection on a live node; returns how many.
-const SEND_USER_BODY: &str = r#"
-local cache, total = {}, 0
-local flat = redis.call('HGETALL', KEYS[1])
-for i = 1, #flat, 2 do
-  if alive(cache, flat[i]) then
-    total = total + tonumber(flat[i + 1])
-  else
-    redis.call('HDEL', KEYS[1], flat[i])
-  end
-end
-if total > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
-return total
-"#;
+const SEND_USER_BODY: &str = include_str!("scripts/send_user.lua");
 
 /// KEYS: room, history, p, u, c. ARGV: fresh epoch, node, TTL ms, the epoch
 /// the node knew or '', the last seq of it the node saw, then (user, local
 /// count, user JSON) triples. Returns {epoch, seq, count, frames the node did
 /// not see...}: after `since` in the epoch it knew, the whole history of
 /// another one (what a Redis that came back empty took since then).
-const REGISTER_ROOM_BODY: &str = r#"
-purge(KEYS[3], KEYS[4], KEYS[5])
-local epoch = ensure_room(KEYS[1], ARGV[1])
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
-for i = 6, #ARGV, 3 do
-  set_member(KEYS[3], KEYS[4], KEYS[5], ARGV[2], ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2])
-end
-for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
-local out = {epoch, seq, redis.call('HLEN', KEYS[4])}
-if ARGV[4] ~= '' then
-  local since = 0
-  if ARGV[4] == epoch then since = tonumber(ARGV[5]) end
-  if since < seq then
-    local len = redis.call('LLEN', KEYS[2])
-    local start = since - seq + len
-    if start < 0 then start = 0 end
-    for _, frame in ipairs(redis.call('LRANGE', KEYS[2], start, -1)) do out[#out + 1] = frame end
-  end
-end
-return out
-"#;
+const REGISTER_ROOM_BODY: &str = include_str!("scripts/register_room.lua");
 
 /// The Lua scripts, loaded once per connection and called by their SHA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,33 +1,71 @@
-//! The hub's cluster mode without Redis: requests are read from
-//! `take_cluster_out`, and Redis's answers and publications are played back
-//! as `Event`s in the orders the real bridge can produce them.
+//! The rules over the Redis backplane, without Redis: the hub's commands
+//! are read from the backplane's outgoing queue, and Redis's answers and
+//! publications are played back as `Event`s in the orders the real bridge
+//! can produce them.
 
 use serde_json::{Value, json};
 
+use super::commands::{
+    Command, Event, Outgoing, RegisteredRoom, Reply, ReqId, RoomItem, RoomMembers, RoomState,
+    Subscription,
+};
 use super::*;
 use crate::auth::{Identity, RoomAccess, Verifier};
-use crate::hub::HubConfig;
+use crate::hub::{ApiAnswer, ConnId, Hub, HubConfig};
 use crate::outbound::Marks;
+
+/// The shell's side of the Redis backplane, as the tests drive it.
+trait RedisShell {
+    /// An event from the bridge, applied as the loop applies it: handed to
+    /// the backplane, its effects applied, the hub ticked.
+    fn cluster_event(&mut self, event: Event, now: Millis);
+    /// What the node sends to Redis, in order.
+    fn take_cluster_out(&mut self, into: &mut Vec<Outgoing>);
+    /// Whether Redis is reachable and the node registered.
+    fn cluster_up(&self) -> Option<bool>;
+}
+
+impl RedisShell for Hub {
+    fn cluster_event(&mut self, event: Event, now: Millis) {
+        if let Some(redis) = self.backplane_mut::<RedisBackplane>() {
+            redis.on_event(event, now);
+        }
+        self.backplane_changed(now);
+        self.tick(now);
+    }
+
+    fn take_cluster_out(&mut self, into: &mut Vec<Outgoing>) {
+        if let Some(redis) = self.backplane_mut::<RedisBackplane>() {
+            redis.take_outgoing(into);
+        }
+    }
+
+    fn cluster_up(&self) -> Option<bool> {
+        self.backplane_reachable()
+    }
+}
 
 const NOW: Millis = 1_700_000_000_000;
 
 fn hub() -> Hub {
-    let mut hub = Hub::new(HubConfig {
-        history: 100,
-        max_rooms_per_connection: 3,
-        typing_timeout_ms: 6000,
-        heartbeat_ms: 0,
-        pong_timeout_ms: 10_000,
-        rate_limit: 0,
-        rate_burst: 100,
-        marks: Marks {
-            soft: 256 * 1024,
-            hard: 4 * 1024 * 1024,
+    let backplane = Box::new(RedisBackplane::new("proc".into(), NOW));
+    Hub::with_backplane(
+        HubConfig {
+            history: 100,
+            max_rooms_per_connection: 3,
+            typing_timeout_ms: 6000,
+            heartbeat_ms: 0,
+            pong_timeout_ms: 10_000,
+            rate_limit: 0,
+            rate_burst: 100,
+            marks: Marks {
+                soft: 256 * 1024,
+                hard: 4 * 1024 * 1024,
+            },
+            verifier: Verifier::new(b"secret"),
         },
-        verifier: Verifier::new(b"secret"),
-    });
-    hub.enable_cluster("proc".into(), NOW);
-    hub
+        backplane,
+    )
 }
 
 /// Both links up and the registration answered: the node is up.
@@ -358,7 +396,7 @@ fn during_an_outage_cluster_requests_are_refused_and_leave_stays_local() {
         "{sent:?}"
     );
     assert_eq!(
-        hub.cluster_api(ApiKind::Publish, br#"{"room":"r","content":1}"#, NOW, 7),
+        hub.api_publish(br#"{"room":"r","content":1}"#, NOW, 7),
         Some(ApiAnswer::Unavailable)
     );
     hub.check_invariants().unwrap();
@@ -503,18 +541,18 @@ fn messages_past_the_bound_while_registering_are_reported_as_lagged() {
     let mut hub = hub();
     alice_in_r(&mut hub, 0);
     let (register, _) = outage(&mut hub);
-    let last = MAX_BUFFERED as u64 + 5;
+    let last = MAX_HELD as u64 + 5;
     for seq in 1..=last {
         hub.cluster_event(room_message(seq), NOW);
     }
     reply(&mut hub, register, registered("e2", 0, []));
     let frames = drain(&mut hub, 1);
-    assert_eq!(frames.len(), 2 + MAX_BUFFERED, "joined, held, lagged");
+    assert_eq!(frames.len(), 2 + MAX_HELD, "joined, held, lagged");
     assert_eq!(frames[0]["type"], "joined");
-    assert_eq!(seqs(&frames), (1..=MAX_BUFFERED as u64).collect::<Vec<_>>());
+    assert_eq!(seqs(&frames), (1..=MAX_HELD as u64).collect::<Vec<_>>());
     assert_eq!(
         frames[frames.len() - 1]["payload"],
-        json!({"room": "r", "from_seq": MAX_BUFFERED + 1, "to_seq": last})
+        json!({"room": "r", "from_seq": MAX_HELD + 1, "to_seq": last})
     );
 }
 

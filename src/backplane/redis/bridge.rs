@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use redis::{Client, Connection, Pipeline, RedisError, Value};
 
-use crate::cluster::{
+use super::commands::{
     self, Command, Event, KEY_TTL_MS, NODE_TTL_MS, RegisteredRoom, Reply, ReqId, RoomMembers,
     RoomState, Script, Subscription, USERS_CHANNEL,
 };
@@ -129,7 +129,7 @@ impl Bridge {
         let (subscriptions, subscription_rx) = mpsc::channel();
         let subscribed = Arc::new(Subscribed::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let wake = cluster::wake_channel(&process);
+        let wake = commands::wake_channel(&process);
         {
             let client = client.clone();
             let to_loop = to_loop.clone();
@@ -405,7 +405,7 @@ impl CommandThread {
             Command::Shutdown => {
                 if let (Some(connection), Some(node)) = (self.connection.as_mut(), &self.node) {
                     let _: Result<(), _> = redis::cmd("DEL")
-                        .arg(cluster::node_key(node))
+                        .arg(commands::node_key(node))
                         .query(connection);
                 }
             }
@@ -419,26 +419,26 @@ impl CommandThread {
         rooms: &[RoomMembers],
         users: &[(String, u32)],
     ) -> Result<Vec<RegisteredRoom>, RedisError> {
-        let node = cluster::random_id();
+        let node = commands::random_id();
         let ttl = KEY_TTL_MS.to_string();
         let mut pipe = redis::pipe();
         if let Some(old) = &self.node {
-            pipe.cmd("DEL").arg(cluster::node_key(old)).ignore();
+            pipe.cmd("DEL").arg(commands::node_key(old)).ignore();
         }
         pipe.cmd("SET")
-            .arg(cluster::node_key(&node))
+            .arg(commands::node_key(&node))
             .arg(1)
             .arg("PX")
             .arg(NODE_TTL_MS)
             .ignore();
         for room in rooms {
-            let keys = cluster::room_keys(&room.room);
+            let keys = commands::room_keys(&room.room);
             let command = pipe
                 .cmd("EVALSHA")
                 .arg(self.sha(Script::RegisterRoom))
                 .arg(5)
                 .arg(&keys[..])
-                .arg(cluster::random_epoch())
+                .arg(crate::hub::random_epoch().as_ref())
                 .arg(&node)
                 .arg(&ttl)
                 .arg(&room.epoch)
@@ -448,7 +448,7 @@ impl CommandThread {
             }
         }
         for (user, count) in users {
-            let key = cluster::user_key(user);
+            let key = commands::user_key(user);
             pipe.cmd("HSET").arg(&key).arg(&node).arg(*count).ignore();
             pipe.cmd("PEXPIRE").arg(&key).arg(KEY_TTL_MS).ignore();
         }
@@ -467,7 +467,7 @@ impl CommandThread {
             users.len()
         );
         self.node = Some(node);
-        self.next_heartbeat = Instant::now() + Duration::from_millis(cluster::HEARTBEAT_MS);
+        self.next_heartbeat = Instant::now() + Duration::from_millis(commands::HEARTBEAT_MS);
         Ok(states)
     }
 
@@ -476,12 +476,12 @@ impl CommandThread {
             return;
         };
         let result: Result<(), RedisError> = redis::cmd("SET")
-            .arg(cluster::node_key(node))
+            .arg(commands::node_key(node))
             .arg(1)
             .arg("PX")
             .arg(NODE_TTL_MS)
             .query(connection);
-        self.next_heartbeat = Instant::now() + Duration::from_millis(cluster::HEARTBEAT_MS);
+        self.next_heartbeat = Instant::now() + Duration::from_millis(commands::HEARTBEAT_MS);
         if let Err(error) = result {
             self.lost(&error);
         }
@@ -646,14 +646,14 @@ impl CommandThread {
                 pipe.cmd("EVALSHA")
                     .arg(self.sha(Script::Join))
                     .arg(5)
-                    .arg(&cluster::room_keys(room)[..])
-                    .arg(cluster::random_epoch())
+                    .arg(&commands::room_keys(room)[..])
+                    .arg(crate::hub::random_epoch().as_ref())
                     .arg(node)
                     .arg(user_id)
                     .arg(*local_count)
                     .arg(user_json)
                     .arg(&ttl)
-                    .arg(cluster::room_channel(room))
+                    .arg(commands::room_channel(room))
                     .arg(json_string(room))
                     .arg(marker)
                     .arg(since.map(|s| s.to_string()).unwrap_or_default())
@@ -666,23 +666,23 @@ impl CommandThread {
                 head,
                 tail,
             } => {
-                let keys = cluster::room_keys(room);
+                let keys = commands::room_keys(room);
                 pipe.cmd("EVALSHA")
                     .arg(self.sha(Script::Publish))
                     .arg(3)
                     .arg(&keys[0])
                     .arg(&keys[1])
                     .arg(&keys[4])
-                    .arg(cluster::random_epoch())
+                    .arg(crate::hub::random_epoch().as_ref())
                     .arg(self.history)
                     .arg(&ttl)
-                    .arg(cluster::room_channel(room))
+                    .arg(commands::room_channel(room))
                     .arg(head)
                     .arg(tail);
                 Expect::Published(*req)
             }
             Command::Presence { req, room } => {
-                let keys = cluster::room_keys(room);
+                let keys = commands::room_keys(room);
                 pipe.cmd("EVALSHA")
                     .arg(self.sha(Script::Presence))
                     .arg(3)
@@ -697,7 +697,7 @@ impl CommandThread {
                 pipe.cmd("EVALSHA")
                     .arg(self.sha(Script::SendUser))
                     .arg(1)
-                    .arg(cluster::user_key(user_id))
+                    .arg(commands::user_key(user_id))
                     .arg(USERS_CHANNEL)
                     .arg(envelope);
                 Expect::Sent(*req)
@@ -708,7 +708,7 @@ impl CommandThread {
                 user_json,
                 local_count,
             } => {
-                let keys = cluster::room_keys(room);
+                let keys = commands::room_keys(room);
                 pipe.cmd("EVALSHA")
                     .arg(self.sha(Script::Member))
                     .arg(3)
@@ -718,18 +718,18 @@ impl CommandThread {
                     .arg(*local_count)
                     .arg(user_json)
                     .arg(&ttl)
-                    .arg(cluster::room_channel(room))
+                    .arg(commands::room_channel(room))
                     .arg(json_string(room));
                 Expect::Nothing
             }
             Command::RoomEvent { room, envelope } => {
                 pipe.cmd("PUBLISH")
-                    .arg(cluster::room_channel(room))
+                    .arg(commands::room_channel(room))
                     .arg(envelope);
                 Expect::Nothing
             }
             Command::UserCount { user_id, count } => {
-                let key = cluster::user_key(user_id);
+                let key = commands::user_key(user_id);
                 if *count > 0 {
                     pipe.cmd("HSET").arg(&key).arg(node).arg(*count);
                     pipe.cmd("PEXPIRE").arg(&key).arg(KEY_TTL_MS).ignore();
@@ -741,13 +741,13 @@ impl CommandThread {
             Command::Refresh { rooms, users } => {
                 pipe.cmd("PING");
                 for room in rooms {
-                    for key in cluster::room_keys(room) {
+                    for key in commands::room_keys(room) {
                         pipe.cmd("PEXPIRE").arg(key).arg(KEY_TTL_MS).ignore();
                     }
                 }
                 for user in users {
                     pipe.cmd("PEXPIRE")
-                        .arg(cluster::user_key(user))
+                        .arg(commands::user_key(user))
                         .arg(KEY_TTL_MS)
                         .ignore();
                 }
@@ -926,7 +926,7 @@ impl SubscriberThread {
             .map(|(room, generation)| (room.clone(), *generation))
             .collect();
         for (room, _) in &rooms {
-            pubsub.subscribe(cluster::room_channel(room))?;
+            pubsub.subscribe(commands::room_channel(room))?;
         }
         self.confirm(&rooms);
         backoff.reset();
@@ -988,14 +988,14 @@ impl SubscriberThread {
             self.note(&change);
             match change {
                 Subscription::Subscribe { room, generation } => {
-                    pubsub.subscribe(cluster::room_channel(&room))?;
+                    pubsub.subscribe(commands::room_channel(&room))?;
                     self.confirm(&[(room, generation)]);
                 }
                 Subscription::Unsubscribe { room } => {
                     if let Ok(mut subscribed) = self.subscribed.rooms.lock() {
                         subscribed.remove(&room);
                     }
-                    pubsub.unsubscribe(cluster::room_channel(&room))?;
+                    pubsub.unsubscribe(commands::room_channel(&room))?;
                 }
             }
         }
@@ -1006,15 +1006,15 @@ impl SubscriberThread {
         let Ok(payload) = std::str::from_utf8(message.get_payload_bytes()) else {
             return;
         };
-        if let Some(room) = channel.strip_prefix(cluster::ROOM_CHANNEL_PREFIX) {
-            if let Some(item) = cluster::parse_room_item(payload, &self.process) {
+        if let Some(room) = channel.strip_prefix(commands::ROOM_CHANNEL_PREFIX) {
+            if let Some(item) = commands::parse_room_item(payload, &self.process) {
                 self.to_loop.send(Event::Room {
                     room: room.to_string(),
                     item,
                 });
             }
         } else if channel == USERS_CHANNEL
-            && let Some((user_id, item)) = cluster::parse_user_item(payload)
+            && let Some((user_id, item)) = commands::parse_user_item(payload)
         {
             self.to_loop.send(Event::User { user_id, item });
         }

@@ -1,0 +1,227 @@
+//! One event loop is the whole server: the rooms' authority lives here and
+//! answers at once.
+//!
+//! Each room's epoch, seq and history sit in a vector indexed by the hub's
+//! room key, so a publish is an index, a seq increment, one frame encoding
+//! and a push into the history: no hop, no lookup by name, and no
+//! allocation beyond the frame itself.
+
+use std::any::Any;
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use super::{
+    Backplane, Effect, JoinRequest, JoinState, LocalView, PresenceEntry, Publication, Published,
+    Reply, Retention, RoomRef, UserItem, UserRef,
+};
+use crate::hub::{EMPTY_ROOM_TTL_MS, Millis, random_epoch};
+use crate::protocol::{self, FrameBuilder};
+use crate::state::RoomSnapshot;
+
+/// A room's authority: what must be one for all its members.
+struct Authority {
+    name: Box<str>,
+    epoch: Box<str>,
+    seq: u64,
+    /// Encoded `message` frames with their seq, oldest first.
+    history: VecDeque<(u64, Bytes)>,
+}
+
+/// The backplane of a single event loop.
+pub struct LocalBackplane {
+    /// Messages kept per room for recovery.
+    history: usize,
+    /// By the hub's room key.
+    rooms: Vec<Option<Authority>>,
+    /// Bumped by every change `export_rooms` would show.
+    changes: u64,
+}
+
+impl LocalBackplane {
+    /// Rooms keep `history` messages each for recovery.
+    pub fn new(history: usize) -> Self {
+        LocalBackplane {
+            history,
+            rooms: Vec::new(),
+            changes: 0,
+        }
+    }
+
+    fn authority(&self, room: RoomRef<'_>) -> Option<&Authority> {
+        self.rooms.get(room.id).and_then(Option::as_ref)
+    }
+
+    fn authority_mut(&mut self, room: RoomRef<'_>) -> Option<&mut Authority> {
+        self.rooms.get_mut(room.id).and_then(Option::as_mut)
+    }
+
+    /// Puts a saved room's epoch, seq and history under the room just opened.
+    pub fn restore(&mut self, room: RoomRef<'_>, snapshot: RoomSnapshot) {
+        let keep_from = snapshot.history.len().saturating_sub(self.history);
+        let Some(authority) = self.authority_mut(room) else {
+            return;
+        };
+        authority.epoch = snapshot.epoch.into_boxed_str();
+        authority.seq = snapshot.seq;
+        authority.history = snapshot
+            .history
+            .iter()
+            .skip(keep_from)
+            .map(|(seq, text)| (*seq, protocol::text_frame(text)))
+            .collect();
+        self.changes += 1;
+    }
+}
+
+/// `user_joined` or `user_left` with the room's count after the change.
+pub(crate) fn member_frame(kind: &str, room: &str, user_json: &str, count: usize) -> Bytes {
+    FrameBuilder::new(kind, None)
+        .string("room", room)
+        .raw("user", user_json)
+        .number("count", count as u64)
+        .finish()
+}
+
+impl Backplane for LocalBackplane {
+    fn open_room(&mut self, room: RoomRef<'_>) {
+        if self.rooms.len() <= room.id {
+            self.rooms.resize_with(room.id + 1, || None);
+        }
+        if let Some(slot) = self.rooms.get_mut(room.id) {
+            *slot = Some(Authority {
+                name: room.name.into(),
+                epoch: random_epoch(),
+                seq: 0,
+                history: VecDeque::new(),
+            });
+        }
+        self.changes += 1;
+    }
+
+    fn room_emptied(&mut self, _room: RoomRef<'_>) -> Retention {
+        Retention::KeepFor(EMPTY_ROOM_TTL_MS)
+    }
+
+    fn close_room(&mut self, room: RoomRef<'_>) {
+        if let Some(slot) = self.rooms.get_mut(room.id) {
+            *slot = None;
+        }
+        self.changes += 1;
+    }
+
+    fn join(&mut self, join: &JoinRequest<'_>) -> Reply<JoinState> {
+        let Some(authority) = self.authority(join.room) else {
+            return Reply::Unavailable;
+        };
+        let same_epoch = join.epoch.is_none_or(|epoch| epoch == &*authority.epoch);
+        let replay = match join.since {
+            Some(since) if same_epoch && since <= authority.seq => authority
+                .history
+                .iter()
+                .filter(|(seq, _)| *seq > since)
+                .map(|(_, frame)| frame.clone())
+                .collect(),
+            _ => Vec::new(),
+        };
+        let announce = (join.first && join.connections_here == 1).then(|| {
+            member_frame(
+                "user_joined",
+                join.room.name,
+                join.user.json,
+                join.users_here,
+            )
+        });
+        Reply::Now(JoinState {
+            count: join.users_here as u64,
+            seq: authority.seq,
+            epoch: authority.epoch.clone(),
+            oldest_held: authority.history.front().map(|(seq, _)| *seq),
+            replay,
+            announce,
+        })
+    }
+
+    fn publish(&mut self, message: &Publication<'_>) -> Reply<Published> {
+        let keep = self.history;
+        let Some(authority) = self.authority_mut(message.room) else {
+            return Reply::Unavailable;
+        };
+        authority.seq += 1;
+        let seq = authority.seq;
+        let frame = FrameBuilder::with_capacity(
+            "message",
+            None,
+            authority.name.len() + message.user_json.len() + message.content.len() + 64,
+        )
+        .string("room", &authority.name)
+        .raw("user", message.user_json)
+        .raw("content", message.content)
+        .number("seq", seq)
+        .number("ts", message.now)
+        .finish();
+        if keep > 0 {
+            if authority.history.len() >= keep {
+                authority.history.pop_front();
+            }
+            authority.history.push_back((seq, frame.clone()));
+        }
+        self.changes += 1;
+        Reply::Now(Published { seq, frame })
+    }
+
+    fn room_frame(&mut self, _room: RoomRef<'_>, _frame: &Bytes, _except: Option<&str>) -> bool {
+        true
+    }
+
+    fn member_left(
+        &mut self,
+        room: RoomRef<'_>,
+        user: UserRef<'_>,
+        connections_here: u32,
+        users_here: usize,
+    ) -> Option<Bytes> {
+        (connections_here == 0).then(|| member_frame("user_left", room.name, user.json, users_here))
+    }
+
+    fn user_connections(&mut self, _user_id: &str, _connections: usize) {}
+
+    fn presence(&mut self, _room: &str, here: Vec<PresenceEntry>) -> Reply<Vec<PresenceEntry>> {
+        Reply::Now(here)
+    }
+
+    fn send_to_user(&mut self, _user_id: &str, _item: &UserItem) -> Reply<()> {
+        Reply::Now(())
+    }
+
+    fn tick(&mut self, _now: Millis, _view: &dyn LocalView) {}
+
+    fn take_effects(&mut self, _into: &mut Vec<Effect>) {}
+
+    fn export_rooms(&self) -> Vec<RoomSnapshot> {
+        self.rooms
+            .iter()
+            .flatten()
+            .map(|room| RoomSnapshot {
+                name: room.name.to_string(),
+                epoch: room.epoch.to_string(),
+                seq: room.seq,
+                history: room
+                    .history
+                    .iter()
+                    .filter_map(|(seq, frame)| {
+                        protocol::text_frame_payload(frame).map(|text| (*seq, text.to_string()))
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    fn room_changes(&self) -> u64 {
+        self.changes
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}

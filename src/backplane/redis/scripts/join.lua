@@ -1,0 +1,23 @@
+purge(KEYS[3], KEYS[4], KEYS[5])
+local epoch = ensure_room(KEYS[1], ARGV[1])
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+local before = set_member(KEYS[3], KEYS[4], KEYS[5], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5])
+local count = redis.call('HLEN', KEYS[4])
+if before == 0 then
+  redis.call('PUBLISH', ARGV[7], 'e' .. #ARGV[3] .. ':' .. ARGV[3] ..
+    '{"type":"user_joined","payload":{"room":' .. ARGV[8] .. ',"user":' .. ARGV[5] ..
+    ',"count":' .. count .. '}}')
+end
+redis.call('PUBLISH', ARGV[7], ARGV[9])
+for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
+local len = redis.call('LLEN', KEYS[2])
+local out = {epoch, seq, count, len}
+if ARGV[10] ~= '' and (ARGV[11] == '' or ARGV[11] == epoch) then
+  local since = tonumber(ARGV[10])
+  if since < seq then
+    local start = since - seq + len
+    if start < 0 then start = 0 end
+    for _, frame in ipairs(redis.call('LRANGE', KEYS[2], start, -1)) do out[#out + 1] = frame end
+  end
+end
+return out

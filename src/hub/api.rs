@@ -1,0 +1,172 @@
+//! The server API (§6): `POST /api/publish` and `/api/disconnect`, with one
+//! answer type whichever backplane answers.
+
+use super::effects::Waiting;
+use super::{Hub, Millis, frames};
+use crate::backplane::{Answer, Publication, Reply, RoomRef, UserItem};
+use crate::protocol::{self, PublishTarget, is_valid_room_name};
+
+/// The answer to a server API request (§6, §11).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiAnswer {
+    /// `200` with this JSON.
+    Ok(String),
+    /// `400` with this message.
+    BadRequest(String),
+    /// `503` `{"error":"unavailable"}`.
+    Unavailable,
+}
+
+/// Which server API endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiKind {
+    /// `POST /api/publish` to a room: a `message` from the user `server`.
+    Publish,
+    /// `POST /api/publish` to a user: a `direct` from the user `server`.
+    PublishDirect,
+    /// `POST /api/disconnect`: close every connection of a user with 4003.
+    Disconnect,
+}
+
+/// The JSON of an answer that came later.
+pub(super) fn answer_of(kind: ApiKind, answer: Option<Answer>) -> ApiAnswer {
+    match (kind, answer) {
+        (ApiKind::Publish, Some(Answer::Published { seq, delivered })) => {
+            ApiAnswer::Ok(format!(r#"{{"delivered":{delivered},"seq":{seq}}}"#))
+        }
+        (ApiKind::PublishDirect, Some(Answer::Sent(connections))) => {
+            ApiAnswer::Ok(format!(r#"{{"delivered":{connections}}}"#))
+        }
+        (ApiKind::Disconnect, Some(Answer::Sent(connections))) => {
+            ApiAnswer::Ok(format!(r#"{{"closed":{connections}}}"#))
+        }
+        _ => ApiAnswer::Unavailable,
+    }
+}
+
+impl Hub {
+    /// `POST /api/publish` (§6): a `message` to a room or a `direct` to a
+    /// user, from the user `server`. `None`: the answer comes later through
+    /// [`Hub::take_api_answers`] with `ticket`.
+    pub fn api_publish(&mut self, body: &[u8], now: Millis, ticket: u64) -> Option<ApiAnswer> {
+        let request = match protocol::parse_publish(body) {
+            Ok(request) => request,
+            Err(message) => return Some(ApiAnswer::BadRequest(message)),
+        };
+        let content = request.content.get();
+        let answer = match request.target {
+            PublishTarget::Room(room) => {
+                if !is_valid_room_name(&room) {
+                    return Some(ApiAnswer::BadRequest("invalid room name".into()));
+                }
+                self.api_publish_room(&room, content, now, ticket)
+            }
+            PublishTarget::User(user) => {
+                let frame = frames::direct(protocol::SERVER_USER_JSON, content, now);
+                match self
+                    .backplane
+                    .send_to_user(&user, &UserItem::Direct(frame.clone()))
+                {
+                    Reply::Now(()) => {
+                        let delivered = self.deliver_to_user(&user, &frame);
+                        Some(ApiAnswer::Ok(format!(r#"{{"delivered":{delivered}}}"#)))
+                    }
+                    Reply::Later(request) => {
+                        self.waiting.insert(
+                            request,
+                            Waiting::Api {
+                                ticket,
+                                kind: ApiKind::PublishDirect,
+                            },
+                        );
+                        None
+                    }
+                    Reply::Unavailable => Some(ApiAnswer::Unavailable),
+                }
+            }
+        };
+        self.settle(now);
+        answer
+    }
+
+    fn api_publish_room(
+        &mut self,
+        room: &str,
+        content: &str,
+        now: Millis,
+        ticket: u64,
+    ) -> Option<ApiAnswer> {
+        if !self.backplane.is_available() {
+            return Some(ApiAnswer::Unavailable);
+        }
+        let room_id = match self.room_ids.get(room) {
+            Some(&room_id) => room_id,
+            None => self.create_room(room),
+        };
+        let Some(room_ref) = self.rooms.get(room_id).map(|room| RoomRef {
+            id: room_id,
+            name: &room.name,
+        }) else {
+            return Some(ApiAnswer::Unavailable);
+        };
+        let publication = Publication {
+            room: room_ref,
+            user_json: protocol::SERVER_USER_JSON,
+            content,
+            now,
+        };
+        let answer = match self.backplane.publish(&publication) {
+            Reply::Now(published) => {
+                let delivered =
+                    self.deliver_traffic(room_id, Some(published.seq), None, &published.frame);
+                let seq = published.seq;
+                Some(ApiAnswer::Ok(format!(
+                    r#"{{"delivered":{delivered},"seq":{seq}}}"#
+                )))
+            }
+            Reply::Later(request) => {
+                let kind = ApiKind::Publish;
+                self.waiting.insert(request, Waiting::Api { ticket, kind });
+                None
+            }
+            Reply::Unavailable => Some(ApiAnswer::Unavailable),
+        };
+        // A publish to a room without members here (§11) leaves it as any
+        // empty room: kept for recovery, or forgotten, as the backplane says.
+        if self
+            .rooms
+            .get(room_id)
+            .is_some_and(|room| room.members.is_empty() && room.empty_since.is_none())
+        {
+            self.room_without_members(room_id, now);
+        }
+        answer
+    }
+
+    /// `POST /api/disconnect` (§6): closes every connection of a user with
+    /// 4003, wherever they are. `None`: the answer comes later.
+    pub fn api_disconnect(&mut self, body: &[u8], now: Millis, ticket: u64) -> Option<ApiAnswer> {
+        let user = match protocol::parse_disconnect(body) {
+            Ok(user) => user,
+            Err(message) => return Some(ApiAnswer::BadRequest(message)),
+        };
+        let answer = match self.backplane.send_to_user(&user, &UserItem::Kick) {
+            Reply::Now(()) => {
+                let connections = self.users.get(user.as_ref()).cloned().unwrap_or_default();
+                let closed = connections.len();
+                for conn in connections {
+                    self.close(conn, 4003, "disconnected by the server", now);
+                }
+                Some(ApiAnswer::Ok(format!(r#"{{"closed":{closed}}}"#)))
+            }
+            Reply::Later(request) => {
+                let kind = ApiKind::Disconnect;
+                self.waiting.insert(request, Waiting::Api { ticket, kind });
+                None
+            }
+            Reply::Unavailable => Some(ApiAnswer::Unavailable),
+        };
+        self.settle(now);
+        answer
+    }
+}

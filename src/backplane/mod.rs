@@ -19,6 +19,8 @@
 //! This is the shape of Centrifugo's `Broker` + `PresenceManager` pair, with
 //! "answered now" added so that one loop pays nothing for the seam.
 
+#[cfg(test)]
+pub(crate) mod deferred;
 pub mod local;
 pub mod redis;
 

@@ -1,6 +1,7 @@
 //! The server API (§6): `POST /api/publish` and `/api/disconnect`, with one
 //! answer type whichever backplane answers.
 
+use super::delivery::Except;
 use super::effects::Waiting;
 use super::{Hub, Millis, frames};
 use crate::backplane::{Answer, Publication, Reply, RoomRef, UserItem};
@@ -117,8 +118,12 @@ impl Hub {
         };
         let answer = match self.backplane.publish(&publication) {
             Reply::Now(published) => {
-                let delivered =
-                    self.deliver_traffic(room_id, Some(published.seq), None, &published.frame);
+                let delivered = self.deliver_traffic(
+                    room_id,
+                    Some(published.seq),
+                    Except::Nobody,
+                    &published.frame,
+                );
                 let seq = published.seq;
                 Some(ApiAnswer::Ok(format!(
                     r#"{{"delivered":{delivered},"seq":{seq}}}"#

@@ -48,15 +48,14 @@ impl Hub {
     }
 
     /// Queues the same frame bytes to every member of the room here, except
-    /// whom `except` names. No join cursor is consulted: for frames the hub
-    /// decides itself about a room it holds.
+    /// whom `except` names (a frame the hub decides itself, without a seq).
     pub(super) fn broadcast(
         &mut self,
         room_id: RoomId,
         frame: &Bytes,
         except: Except<'_>,
     ) -> usize {
-        self.fan_out(room_id, frame, except, None)
+        self.deliver_traffic(room_id, None, except, frame)
     }
 
     /// A room-wide frame without a seq (`typing`): to the members here now,
@@ -71,30 +70,27 @@ impl Hub {
         };
         if self.backplane.room_frame(room, frame, except_user) {
             let except = except_user.map_or(Except::Nobody, Except::User);
-            self.deliver_traffic(room_id, None, except_user.map(|_| except), frame);
+            self.deliver_traffic(room_id, None, except, frame);
         }
     }
 
-    /// Room traffic (a `message` with its `seq`, or another room-wide frame)
-    /// to the members here; returns how many it was queued to. Members whose
-    /// join has not taken effect yet skip what came before it and hold what
-    /// came after it until their `joined` is out.
+    /// The encode-once fan-out: room traffic (a `message` with its `seq`, or
+    /// another room-wide frame), the same bytes to every member here; returns
+    /// how many it was queued to. A member whose join has not taken effect
+    /// yet skips what came before it and holds what came after it until its
+    /// `joined` is out (only when the backplane answers later).
     pub(super) fn deliver_traffic(
         &mut self,
         room_id: RoomId,
         seq: Option<u64>,
-        except: Option<Except<'_>>,
+        except: Except<'_>,
         frame: &Bytes,
     ) -> usize {
-        let except = except.unwrap_or(Except::Nobody);
-        let joining = self.rooms.get(room_id).is_some_and(|room| room.joining > 0);
-        if !joining {
-            return self.fan_out(room_id, frame, except, seq);
-        }
         let marks = self.config.marks;
         let Some(room) = self.rooms.get(room_id) else {
             return 0;
         };
+        let joining = room.joining > 0;
         let mut sinks = Sinks {
             dirty: &mut self.dirty,
             evicted: &mut self.evicted,
@@ -108,7 +104,7 @@ impl Hub {
             if skips(except, member, session) {
                 continue;
             }
-            if let Some(cursor) = session.cursor_mut(room_id) {
+            if joining && let Some(cursor) = session.cursor_mut(room_id) {
                 // Before the marker: from before this join. After it: wait for `joined`.
                 if cursor.marker && cursor.buffer.len() < MAX_BUFFERED {
                     cursor.buffer.push(Buffered {
@@ -151,46 +147,6 @@ impl Hub {
             metrics: &mut self.metrics,
         };
         deliver_room(conn, session, room_id, seq, frame, marks, &mut sinks);
-    }
-
-    /// The encode-once fan-out: the same bytes to every member here.
-    fn fan_out(
-        &mut self,
-        room_id: RoomId,
-        frame: &Bytes,
-        except: Except<'_>,
-        seq: Option<u64>,
-    ) -> usize {
-        let marks = self.config.marks;
-        let Some(room) = self.rooms.get(room_id) else {
-            return 0;
-        };
-        let mut sinks = Sinks {
-            dirty: &mut self.dirty,
-            evicted: &mut self.evicted,
-            metrics: &mut self.metrics,
-        };
-        let mut delivered = 0;
-        for &member in &room.members {
-            let Some(session) = self.sessions.get_mut(member).and_then(Option::as_mut) else {
-                continue;
-            };
-            if skips(except, member, session) {
-                continue;
-            }
-            if deliver_room(
-                member,
-                session,
-                room_id,
-                seq,
-                frame.clone(),
-                marks,
-                &mut sinks,
-            ) {
-                delivered += 1;
-            }
-        }
-        delivered
     }
 
     /// Queues a frame to every connection of a user here; returns how many.

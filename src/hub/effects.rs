@@ -90,7 +90,10 @@ impl Hub {
         let Some(&room_id) = self.room_ids.get(&traffic.room) else {
             return;
         };
-        let except = traffic.except.as_deref().map(Except::User);
+        let except = traffic
+            .except
+            .as_deref()
+            .map_or(Except::Nobody, Except::User);
         self.deliver_traffic(room_id, traffic.seq, except, &traffic.frame);
     }
 

@@ -3,6 +3,7 @@
 
 use serde_json::value::RawValue;
 
+use super::delivery::Except;
 use super::effects::Waiting;
 use super::session::Slot;
 use super::{ConnId, Hub, Millis, Refusal, RoomId, Timer, frames};
@@ -254,7 +255,12 @@ impl Hub {
         };
         match self.backplane.publish(&publication) {
             Reply::Now(published) => {
-                self.deliver_traffic(room_id, Some(published.seq), None, &published.frame);
+                self.deliver_traffic(
+                    room_id,
+                    Some(published.seq),
+                    Except::Nobody,
+                    &published.frame,
+                );
                 if id.is_some() {
                     let ack = FrameBuilder::new("ack", id)
                         .number("seq", published.seq)

@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::auth::{RoomAccess, TokenClaims, sign};
+use crate::backplane::deferred::DeferredBackplane;
 
 const SECRET: &[u8] = b"secret";
 
@@ -38,14 +39,41 @@ fn config() -> HubConfig {
     }
 }
 
+thread_local! {
+    /// Set while the suite runs against a backplane that answers later.
+    static ANSWER_LATER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A hub over the local backplane, or over one that answers later when the
+/// suite runs that way (`the_rules_hold_when_the_backplane_answers_later`).
+fn hub_from(config: HubConfig) -> Hub {
+    if ANSWER_LATER.get() {
+        let backplane = Box::new(DeferredBackplane::new(config.history));
+        Hub::with_backplane(config, backplane)
+    } else {
+        Hub::new(config)
+    }
+}
+
+/// With a backplane that answers later: lets every answer and all room
+/// traffic arrive before the test looks at what connections were sent.
+fn settle_backplane(hub: &mut Hub) {
+    while hub
+        .backplane_mut::<DeferredBackplane>()
+        .is_some_and(|backplane| backplane.release())
+    {
+        hub.backplane_changed(NOW);
+    }
+}
+
 fn new_hub() -> Hub {
-    Hub::new(config())
+    hub_from(config())
 }
 
 fn hub_with(change: impl FnOnce(&mut HubConfig)) -> Hub {
     let mut config = config();
     change(&mut config);
-    Hub::new(config)
+    hub_from(config)
 }
 
 /// `"alice"` → id `alice`, name `Alice`, no expiry, every room.
@@ -144,6 +172,7 @@ fn split_frames(mut bytes: &[u8]) -> Vec<String> {
 
 /// The frames queued to `conn` as raw JSON text, without clearing the queue.
 fn peek_text(hub: &mut Hub, conn: ConnId) -> Vec<String> {
+    settle_backplane(hub);
     split_frames(&hub.outbound_mut(conn).expect("connection exists").to_vec())
 }
 
@@ -248,6 +277,7 @@ fn connect_after_queues_the_upgrade_response_ahead_of_welcome() {
     let mut hub = new_hub();
     let response = Bytes::from_static(b"HTTP/1.1 101 Switching Protocols\r\n\r\n");
     hub.connect_after(0, response.clone(), identity("alice"), Some("lobby"), NOW);
+    settle_backplane(&mut hub);
     let queued = hub.outbound_mut(0).unwrap().to_vec();
     assert!(queued.starts_with(&response));
     let frames: Vec<Value> = split_frames(&queued[response.len()..])
@@ -758,6 +788,7 @@ fn broadcast_shares_identical_frame_bytes() {
         0,
         &message("lobby", r#"{"text":"same for everyone"}"#),
     );
+    settle_backplane(&mut hub);
     let queues: Vec<Vec<u8>> = (0..3)
         .map(|conn| {
             let queue = hub.outbound_mut(conn).unwrap();
@@ -2187,6 +2218,7 @@ fn take_dirty_lists_each_connection_with_queued_bytes_once() {
     for i in 0..3 {
         send(&mut hub, 0, &message("lobby", &i.to_string()));
     }
+    settle_backplane(&mut hub);
     hub.take_dirty(&mut dirty);
     dirty.sort_unstable();
     assert_eq!(dirty, [0, 1], "once each, and not carol");
@@ -2228,6 +2260,7 @@ fn metrics_count_received_and_sent_frames() {
     join(&mut hub, 1, "lobby");
     let before = hub.metrics().clone();
     send(&mut hub, 0, &message("lobby", "1"));
+    settle_backplane(&mut hub);
     assert_eq!(
         hub.metrics().messages_received,
         before.messages_received + 1
@@ -2484,4 +2517,393 @@ fn api_result(answer: Option<ApiAnswer>) -> Result<String, String> {
         Some(ApiAnswer::BadRequest(message)) => Err(message),
         other => panic!("a local hub answers at once: {other:?}"),
     }
+}
+
+/// Every test of this suite again, over a backplane that answers later (as
+/// Redis does, or a room's authority on another loop): the rules must give
+/// the same frames in the same order. The tests listed in `LOCAL_ONLY` look
+/// at what only an answer at once can show.
+#[test]
+fn the_rules_hold_when_the_backplane_answers_later() {
+    let tests: &[(&str, fn())] = &[
+        (
+            "welcome_carries_connection_id_user_heartbeat_and_server_time",
+            welcome_carries_connection_id_user_heartbeat_and_server_time,
+        ),
+        (
+            "connect_after_queues_the_upgrade_response_ahead_of_welcome",
+            connect_after_queues_the_upgrade_response_ahead_of_welcome,
+        ),
+        (
+            "join_replies_joined_with_count_seq_epoch_and_string_id",
+            join_replies_joined_with_count_seq_epoch_and_string_id,
+        ),
+        ("join_echoes_a_numeric_id", join_echoes_a_numeric_id),
+        ("join_without_id_has_no_id", join_without_id_has_no_id),
+        ("second_join_is_idempotent", second_join_is_idempotent),
+        (
+            "join_rejects_invalid_room_names",
+            join_rejects_invalid_room_names,
+        ),
+        (
+            "join_outside_rooms_claim_is_forbidden",
+            join_outside_rooms_claim_is_forbidden,
+        ),
+        (
+            "empty_rooms_claim_allows_no_room",
+            empty_rooms_claim_allows_no_room,
+        ),
+        (
+            "connect_with_room_sends_welcome_then_joined",
+            connect_with_room_sends_welcome_then_joined,
+        ),
+        (
+            "connect_with_invalid_room_sends_error_and_stays_usable",
+            connect_with_invalid_room_sends_error_and_stays_usable,
+        ),
+        (
+            "connect_with_room_outside_claim_is_forbidden",
+            connect_with_room_outside_claim_is_forbidden,
+        ),
+        (
+            "user_joined_goes_to_others_not_the_joiner",
+            user_joined_goes_to_others_not_the_joiner,
+        ),
+        (
+            "second_tab_of_a_user_is_not_announced_and_does_not_count",
+            second_tab_of_a_user_is_not_announced_and_does_not_count,
+        ),
+        (
+            "user_left_only_when_the_last_tab_leaves_or_disconnects",
+            user_left_only_when_the_last_tab_leaves_or_disconnects,
+        ),
+        ("counts_are_distinct_users", counts_are_distinct_users),
+        (
+            "message_reaches_every_member_including_the_sender",
+            message_reaches_every_member_including_the_sender,
+        ),
+        (
+            "message_seq_counts_up_from_one_and_ts_is_now",
+            message_seq_counts_up_from_one_and_ts_is_now,
+        ),
+        (
+            "message_content_is_carried_verbatim",
+            message_content_is_carried_verbatim,
+        ),
+        (
+            "message_with_id_gets_ack_with_seq_and_without_id_none",
+            message_with_id_gets_ack_with_seq_and_without_id_none,
+        ),
+        (
+            "message_to_a_room_not_joined_is_not_in_room",
+            message_to_a_room_not_joined_is_not_in_room,
+        ),
+        (
+            "forbidden_wins_over_not_in_room",
+            forbidden_wins_over_not_in_room,
+        ),
+        (
+            "invalid_room_comes_before_forbidden",
+            invalid_room_comes_before_forbidden,
+        ),
+        (
+            "broadcast_shares_identical_frame_bytes",
+            broadcast_shares_identical_frame_bytes,
+        ),
+        (
+            "leave_replies_left_and_stops_delivery",
+            leave_replies_left_and_stops_delivery,
+        ),
+        ("leave_without_id_has_no_id", leave_without_id_has_no_id),
+        (
+            "leave_when_not_a_member_is_not_in_room",
+            leave_when_not_a_member_is_not_in_room,
+        ),
+        (
+            "direct_reaches_every_connection_of_the_target_with_from",
+            direct_reaches_every_connection_of_the_target_with_from,
+        ),
+        (
+            "direct_to_oneself_reaches_all_of_ones_connections",
+            direct_to_oneself_reaches_all_of_ones_connections,
+        ),
+        (
+            "direct_to_unknown_user_is_user_offline",
+            direct_to_unknown_user_is_user_offline,
+        ),
+        (
+            "typing_goes_to_others_but_none_of_the_senders_connections",
+            typing_goes_to_others_but_none_of_the_senders_connections,
+        ),
+        (
+            "typing_in_a_room_not_joined_is_not_in_room",
+            typing_in_a_room_not_joined_is_not_in_room,
+        ),
+        (
+            "typing_expires_after_the_timeout",
+            typing_expires_after_the_timeout,
+        ),
+        (
+            "renewed_typing_pushes_the_deadline",
+            renewed_typing_pushes_the_deadline,
+        ),
+        (
+            "typing_stopped_explicitly_does_not_expire_again",
+            typing_stopped_explicitly_does_not_expire_again,
+        ),
+        (
+            "leaving_while_typing_sends_typing_false_then_user_left",
+            leaving_while_typing_sends_typing_false_then_user_left,
+        ),
+        (
+            "disconnecting_while_typing_sends_typing_false_then_user_left",
+            disconnecting_while_typing_sends_typing_false_then_user_left,
+        ),
+        (
+            "one_tab_leaving_keeps_the_users_typing_state",
+            one_tab_leaving_keeps_the_users_typing_state,
+        ),
+        (
+            "typing_timeout_zero_never_expires",
+            typing_timeout_zero_never_expires,
+        ),
+        (
+            "next_deadline_is_none_for_an_empty_hub",
+            next_deadline_is_none_for_an_empty_hub,
+        ),
+        (
+            "presence_lists_users_with_connection_counts_without_membership",
+            presence_lists_users_with_connection_counts_without_membership,
+        ),
+        (
+            "presence_of_an_unknown_room_is_empty",
+            presence_of_an_unknown_room_is_empty,
+        ),
+        (
+            "presence_obeys_the_rooms_claim",
+            presence_obeys_the_rooms_claim,
+        ),
+        (
+            "ping_gets_pong_with_server_time",
+            ping_gets_pong_with_server_time,
+        ),
+        (
+            "refresh_with_same_sub_replies_refreshed_with_exp",
+            refresh_with_same_sub_replies_refreshed_with_exp,
+        ),
+        (
+            "refresh_without_exp_replies_exp_null",
+            refresh_without_exp_replies_exp_null,
+        ),
+        (
+            "refresh_with_another_sub_is_invalid_token_and_keeps_the_old_one",
+            refresh_with_another_sub_is_invalid_token_and_keeps_the_old_one,
+        ),
+        (
+            "refresh_with_a_bad_token_is_invalid_token",
+            refresh_with_a_bad_token_is_invalid_token,
+        ),
+        (
+            "refresh_applies_the_new_name_to_later_frames",
+            refresh_applies_the_new_name_to_later_frames,
+        ),
+        (
+            "refresh_applies_the_new_rooms_claim_to_later_requests",
+            refresh_applies_the_new_rooms_claim_to_later_requests,
+        ),
+        (
+            "join_with_since_replays_missed_messages_before_live_ones",
+            join_with_since_replays_missed_messages_before_live_ones,
+        ),
+        (
+            "join_with_since_equal_to_seq_recovers_nothing_missed",
+            join_with_since_equal_to_seq_recovers_nothing_missed,
+        ),
+        (
+            "join_with_since_beyond_seq_is_not_recovered",
+            join_with_since_beyond_seq_is_not_recovered,
+        ),
+        (
+            "join_with_another_epoch_replays_nothing",
+            join_with_another_epoch_replays_nothing,
+        ),
+        (
+            "join_without_since_has_no_recovery_keys",
+            join_without_since_has_no_recovery_keys,
+        ),
+        (
+            "join_with_since_and_no_epoch_means_the_current_epoch",
+            join_with_since_and_no_epoch_means_the_current_epoch,
+        ),
+        (
+            "join_with_since_past_the_history_cap_replays_what_is_held",
+            join_with_since_past_the_history_cap_replays_what_is_held,
+        ),
+        (
+            "empty_room_keeps_seq_and_epoch_for_five_minutes_then_is_forgotten",
+            empty_room_keeps_seq_and_epoch_for_five_minutes_then_is_forgotten,
+        ),
+        (
+            "recovery_into_a_forgotten_room_is_not_recovered",
+            recovery_into_a_forgotten_room_is_not_recovered,
+        ),
+        (
+            "too_many_rooms_at_the_per_connection_limit",
+            too_many_rooms_at_the_per_connection_limit,
+        ),
+        (
+            "invalid_json_gets_invalid_json_without_id",
+            invalid_json_gets_invalid_json_without_id,
+        ),
+        (
+            "invalid_message_echoes_a_readable_id",
+            invalid_message_echoes_a_readable_id,
+        ),
+        (
+            "invalid_message_without_a_readable_id",
+            invalid_message_without_a_readable_id,
+        ),
+        ("unknown_type_echoes_the_id", unknown_type_echoes_the_id),
+        (
+            "errors_keep_the_connection_usable",
+            errors_keep_the_connection_usable,
+        ),
+        (
+            "above_the_soft_mark_broadcasts_are_dropped_but_replies_are_queued",
+            above_the_soft_mark_broadcasts_are_dropped_but_replies_are_queued,
+        ),
+        (
+            "crossing_the_hard_mark_closes_with_4000_and_leaves_the_rooms",
+            crossing_the_hard_mark_closes_with_4000_and_leaves_the_rooms,
+        ),
+        (
+            "lagged_follows_once_a_slow_consumer_drains",
+            lagged_follows_once_a_slow_consumer_drains,
+        ),
+        (
+            "no_lagged_for_a_room_the_connection_left",
+            no_lagged_for_a_room_the_connection_left,
+        ),
+        (
+            "a_silent_connection_is_pinged_then_closed_with_1011",
+            a_silent_connection_is_pinged_then_closed_with_1011,
+        ),
+        (
+            "pings_come_every_heartbeat_even_with_a_longer_pong_timeout",
+            pings_come_every_heartbeat_even_with_a_longer_pong_timeout,
+        ),
+        (
+            "a_heartbeat_of_zero_sends_no_pings",
+            a_heartbeat_of_zero_sends_no_pings,
+        ),
+        (
+            "an_expired_token_closes_with_4001_unless_refreshed",
+            an_expired_token_closes_with_4001_unless_refreshed,
+        ),
+        (
+            "over_the_rate_messages_are_refused_and_a_flood_is_closed",
+            over_the_rate_messages_are_refused_and_a_flood_is_closed,
+        ),
+        (
+            "disconnect_removes_memberships_and_the_user",
+            disconnect_removes_memberships_and_the_user,
+        ),
+        (
+            "disconnecting_one_tab_keeps_the_user_online",
+            disconnecting_one_tab_keeps_the_user_online,
+        ),
+        (
+            "a_released_slot_can_be_reused",
+            a_released_slot_can_be_reused,
+        ),
+        (
+            "take_dirty_lists_each_connection_with_queued_bytes_once",
+            take_dirty_lists_each_connection_with_queued_bytes_once,
+        ),
+        (
+            "metrics_count_received_and_sent_frames",
+            metrics_count_received_and_sent_frames,
+        ),
+        (
+            "membership_stays_consistent_under_churn",
+            membership_stays_consistent_under_churn,
+        ),
+        (
+            "api_publish_to_a_room_comes_from_the_server_user_and_takes_a_seq",
+            api_publish_to_a_room_comes_from_the_server_user_and_takes_a_seq,
+        ),
+        (
+            "api_publish_to_an_empty_room_enters_its_history",
+            api_publish_to_an_empty_room_enters_its_history,
+        ),
+        (
+            "api_publish_to_a_user_is_a_direct_from_the_server",
+            api_publish_to_a_user_is_a_direct_from_the_server,
+        ),
+        (
+            "api_publish_refuses_bad_bodies",
+            api_publish_refuses_bad_bodies,
+        ),
+        (
+            "api_disconnect_closes_every_connection_of_the_user_with_4003",
+            api_disconnect_closes_every_connection_of_the_user_with_4003,
+        ),
+        (
+            "rooms_survive_export_and_import_for_recovery",
+            rooms_survive_export_and_import_for_recovery,
+        ),
+    ];
+    ANSWER_LATER.set(true);
+    let mut failed = Vec::new();
+    for (name, test) in tests {
+        if LOCAL_ONLY.contains(name) {
+            continue;
+        }
+        if std::panic::catch_unwind(test).is_err() {
+            failed.push(*name);
+        }
+    }
+    ANSWER_LATER.set(false);
+    assert!(
+        failed.is_empty(),
+        "failed with a backplane that answers later: {failed:?}"
+    );
+}
+
+/// Tests that read what only the local backplane gives: a server API answer
+/// at once (with its `delivered`), and rooms imported from a state file.
+const LOCAL_ONLY: &[&str] = &[
+    "api_publish_to_a_room_comes_from_the_server_user_and_takes_a_seq",
+    "api_publish_to_an_empty_room_enters_its_history",
+    "rooms_survive_export_and_import_for_recovery",
+];
+
+#[test]
+fn replies_wait_in_order_behind_an_answer_that_comes_later() {
+    let backplane = Box::new(DeferredBackplane::new(100));
+    let mut hub = Hub::with_backplane(config(), backplane);
+    hub.connect(0, identity("alice"), None, NOW);
+    send(
+        &mut hub,
+        0,
+        r#"{"type":"join","id":"j","payload":{"room":"lobby"}}"#,
+    );
+    send(
+        &mut hub,
+        0,
+        &message("lobby", "1").replacen('{', r#"{"id":"m","#, 1),
+    );
+    send(&mut hub, 0, r#"{"type":"ping","id":"p"}"#);
+    // Nothing has answered yet: only `welcome` is out, the pong waits.
+    let queued = split_frames(&hub.outbound_mut(0).unwrap().to_vec());
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    let frames = drain(&mut hub, 0);
+    assert_eq!(
+        types(&frames),
+        ["welcome", "joined", "message", "ack", "pong"],
+        "{frames:?}"
+    );
+    assert_eq!(frames[3]["id"], "m");
+    assert_eq!(frames[3]["payload"]["seq"], 1);
+    hub.check_invariants().unwrap();
 }

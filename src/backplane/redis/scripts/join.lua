@@ -13,11 +13,6 @@ for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
 local len = redis.call('LLEN', KEYS[2])
 local out = {epoch, seq, count, len}
 if ARGV[10] ~= '' and (ARGV[11] == '' or ARGV[11] == epoch) then
-  local since = tonumber(ARGV[10])
-  if since < seq then
-    local start = since - seq + len
-    if start < 0 then start = 0 end
-    for _, frame in ipairs(redis.call('LRANGE', KEYS[2], start, -1)) do out[#out + 1] = frame end
-  end
+  append_history_after(out, KEYS[2], tonumber(ARGV[10]), seq)
 end
 return out

@@ -61,3 +61,12 @@ local function set_member(p, u, c, node, user, n, user_json)
   end
   return before
 end
+-- Appends to `out` the messages of the history after seq `since`; the
+-- history is contiguous and ends at `seq`, so `since` maps to a list index.
+local function append_history_after(out, history, since, seq)
+  if since < seq then
+    local start = since - seq + redis.call('LLEN', history)
+    if start < 0 then start = 0 end
+    for _, frame in ipairs(redis.call('LRANGE', history, start, -1)) do out[#out + 1] = frame end
+  end
+end

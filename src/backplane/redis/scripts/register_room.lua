@@ -9,11 +9,6 @@ local out = {epoch, seq, redis.call('HLEN', KEYS[4])}
 if ARGV[4] ~= '' then
   local since = 0
   if ARGV[4] == epoch then since = tonumber(ARGV[5]) end
-  if since < seq then
-    local len = redis.call('LLEN', KEYS[2])
-    local start = since - seq + len
-    if start < 0 then start = 0 end
-    for _, frame in ipairs(redis.call('LRANGE', KEYS[2], start, -1)) do out[#out + 1] = frame end
-  end
+  append_history_after(out, KEYS[2], since, seq)
 end
 return out

@@ -6,16 +6,16 @@
 
 #![warn(missing_docs)]
 
-pub mod assets;
+pub(crate) mod assets;
 pub mod auth;
 pub mod backplane;
 pub mod config;
 pub mod http;
 pub mod hub;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod net;
 pub mod outbound;
 pub mod protocol;
 pub mod state;
-pub mod timers;
+pub(crate) mod timers;
 pub mod ws;

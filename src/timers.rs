@@ -43,11 +43,13 @@ impl<T> Deadlines<T> {
     }
 
     /// Entries waiting, stale ones included.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
     }
 
     /// Whether no entry waits.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

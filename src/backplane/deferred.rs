@@ -84,7 +84,7 @@ impl Backplane for DeferredBackplane {
         if let Some(announce) = state.announce.take() {
             self.traffic(join.room.name, None, Some(join.user.id), announce);
         }
-        self.queued.push(Effect::JoinTookEffect(request));
+        self.queued.push(Effect::JoinMarked(request));
         self.queued.push(Effect::Answer {
             request,
             answer: Some(Answer::Joined(state)),

@@ -165,7 +165,7 @@ pub enum Effect {
     Traffic(RoomTraffic),
     /// A join took effect in its room's stream: traffic after this point is
     /// for the joiner (before, it is covered by `joined` and its replay).
-    JoinTookEffect(RequestId),
+    JoinMarked(RequestId),
     /// The room streams restarted: every pending join counts as in effect.
     StreamsRestarted,
     /// The node is back after an outage: what the room's members here did

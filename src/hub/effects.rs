@@ -59,7 +59,7 @@ impl Hub {
         match effect {
             Effect::Answer { request, answer } => self.on_answer(request, answer, now),
             Effect::Traffic(traffic) => self.on_traffic(traffic),
-            Effect::JoinTookEffect(request) => {
+            Effect::JoinMarked(request) => {
                 if let Some((conn, serial, room)) = self.joins_in_flight.remove(&request)
                     && self.serial_of(conn) == serial
                 {

@@ -37,10 +37,10 @@ use std::rc::Rc;
 use bytes::Bytes;
 use slab::Slab;
 
-pub use crate::backplane::Backplane;
 pub use api::{ApiAnswer, ApiKind};
 
 use crate::auth::{Identity, Verifier};
+use crate::backplane::Backplane;
 use crate::backplane::local::LocalBackplane;
 use crate::backplane::{Effect, RequestId, RoomRef};
 use crate::metrics::Metrics;
@@ -204,7 +204,7 @@ impl Hub {
     }
 
     /// A hub over the given backplane.
-    pub fn with_backplane(config: HubConfig, backplane: Box<dyn Backplane>) -> Self {
+    pub(crate) fn with_backplane(config: HubConfig, backplane: Box<dyn Backplane>) -> Self {
         let mut hub = Hub {
             config,
             backplane,
@@ -235,7 +235,7 @@ impl Hub {
     /// The backplane, as its concrete type, for the shell's plumbing (the
     /// Redis bridge feeds it events and takes its commands). After feeding
     /// it, call [`Hub::backplane_changed`].
-    pub fn backplane_mut<B: Backplane + 'static>(&mut self) -> Option<&mut B> {
+    pub(crate) fn backplane_mut<B: Backplane + 'static>(&mut self) -> Option<&mut B> {
         self.backplane.as_any_mut().downcast_mut::<B>()
     }
 

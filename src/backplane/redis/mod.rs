@@ -14,7 +14,7 @@
 //!   room's channel, and every node delivers from there, the sender's own
 //!   node included. Nothing room-wide is delivered locally first.
 //! - **Join markers.** A join's script publishes a marker on the room's
-//!   channel right after it took effect ([`Effect::JoinTookEffect`]). Until
+//!   channel right after it took effect ([`Effect::JoinMarked`]). Until
 //!   the connection's marker comes by, room traffic is from before its join;
 //!   after it and before its `joined`, traffic waits in the hub's cursor.
 //! - **Replies in request order.** Answers come later ([`Reply::Later`]);
@@ -282,7 +282,7 @@ impl RedisBackplane {
     fn on_room_item(&mut self, name: &str, item: RoomItem) {
         let (seq, except, frame) = match item {
             RoomItem::Marker { req } => {
-                self.effects.push(Effect::JoinTookEffect(req));
+                self.effects.push(Effect::JoinMarked(req));
                 return;
             }
             RoomItem::Message { seq, frame } => (Some(seq), None, frame),

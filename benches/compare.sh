@@ -7,7 +7,9 @@
 #                      [--out FILE.jsonl] [--max-other PCT [--retries N]]
 #   benches/compare.sh fanout --rooms 1 --members 100 --rate 0 --size 128 --duration 5 --reps 3
 #
-# Servers: roomcast (target/release, --rate-limit 0) and the peers in
+# Servers: roomcast (target/release, --rate-limit 0), `baseline` (another
+# roomcast binary, ROOMCAST_BASELINE=PATH, same flags: a before/after of a
+# change in one interleaved run) and the peers in
 # ../shared/peers (tokio-tungstenite, node-ws, fastapi), copied once to
 # target/peers/<name> and run from there, so their builds, venvs and
 # node_modules land under our target/. Raw JSON lines go to
@@ -128,8 +130,10 @@ free_port() { # preferred
 start_server() {
     local name=$1 port=$2 log=$3
     local cmd
-    if [[ $name == roomcast ]]; then
-        cmd=("$server_bin" --listen "127.0.0.1:$port" --jwt-secret "$secret" --rate-limit 0 "${buffers[@]}" --echo --log-level warn)
+    if [[ $name == roomcast || $name == baseline ]]; then
+        local bin=$server_bin
+        [[ $name == baseline ]] && bin=${ROOMCAST_BASELINE:?baseline needs ROOMCAST_BASELINE=PATH to a roomcast binary}
+        cmd=("$bin" --listen "127.0.0.1:$port" --jwt-secret "$secret" --rate-limit 0 "${buffers[@]}" --echo --log-level warn)
     else
         cmd=("$root/target/peers/$name/run.sh" --listen "127.0.0.1:$port" --jwt-secret "$secret" --rate-limit 0 "${buffers[@]}")
     fi
@@ -159,7 +163,7 @@ wait_ready() {
 
 # ---- peers: private copies, prepared once (first builds take minutes) -------------
 for name in "${server_list[@]}"; do
-    [[ $name == roomcast ]] && continue
+    [[ $name == roomcast || $name == baseline ]] && continue
     if [[ ! -d $shared_peers/$name ]]; then
         echo "no peer $name in $shared_peers" >&2
         exit 2
@@ -179,13 +183,13 @@ done
 
 skip_reason() { # name -> prints why this server cannot run the workload
     local name=$1
-    if [[ $name != roomcast && $wants_echo_endpoint == 1 ]]; then
+    if [[ $name != roomcast && $name != baseline && $wants_echo_endpoint == 1 ]]; then
         echo "no /echo endpoint"
     fi
 }
 
 for name in "${server_list[@]}"; do
-    [[ $name == roomcast ]] && continue
+    [[ $name == roomcast || $name == baseline ]] && continue
     [[ -n $(skip_reason "$name") ]] && continue
     port=$(free_port "$port_base")
     echo "== preparing $name (first start builds/installs; log: $logs/$name-prepare.log)" >&2

@@ -10,6 +10,19 @@ use super::{ApiAnswer, ConnId, Hub, Millis, RoomId, frames};
 use crate::backplane::{Answer, Effect, RequestId, Resume, RoomTraffic, UserItem};
 use crate::protocol::{FrameBuilder, error_frame};
 
+/// A join whose answer came, with what the answer is for.
+struct AnsweredJoin {
+    conn: ConnId,
+    serial: u64,
+    id: Option<Box<RawValue>>,
+    room: RoomId,
+    life: u64,
+    name: Box<str>,
+    since: Option<u64>,
+    epoch: Option<String>,
+    first: bool,
+}
+
 /// What an answer the backplane owes is for.
 pub(super) enum Waiting {
     Join {
@@ -174,30 +187,18 @@ impl Hub {
                 epoch,
                 first,
             } => {
-                let alive = self.serial_of(conn) == serial;
-                let Some(Answer::Joined(state)) = answer else {
-                    // It did not take effect: no marker will come.
-                    self.joins_in_flight.remove(&request);
-                    if !alive {
-                        return;
-                    }
-                    // Undo a first join that did not take effect.
-                    let member = first
-                        && self.rooms.get(room).is_some_and(|r| r.life == life)
-                        && self.has_cursor(conn, room);
-                    if member {
-                        self.remove_membership(conn, room, now);
-                    }
-                    let frame = frames::unavailable(id.as_deref());
-                    self.fill(conn, request, Slot::Done(vec![frame], None));
-                    return;
+                let join = AnsweredJoin {
+                    conn,
+                    serial,
+                    id,
+                    room,
+                    life,
+                    name,
+                    since,
+                    epoch,
+                    first,
                 };
-                if !alive {
-                    return;
-                }
-                let frames = frames::joined(id.as_deref(), &name, &state, since, epoch.as_deref());
-                let room = (first && self.has_cursor(conn, room)).then_some(room);
-                self.fill(conn, request, Slot::Done(frames, room));
+                self.join_answered(request, join, answer, now);
             }
             Waiting::Message { conn, serial, id } => {
                 if self.serial_of(conn) != serial {
@@ -260,6 +261,52 @@ impl Hub {
                 self.api_answers.push((ticket, answer));
             }
         }
+    }
+
+    /// A join's answer: `joined` and its replay in the reply's place, or
+    /// `unavailable` and the membership undone when it did not take effect.
+    fn join_answered(
+        &mut self,
+        request: RequestId,
+        join: AnsweredJoin,
+        answer: Option<Answer>,
+        now: Millis,
+    ) {
+        let AnsweredJoin {
+            conn,
+            serial,
+            id,
+            room,
+            life,
+            name,
+            since,
+            epoch,
+            first,
+        } = join;
+        let alive = self.serial_of(conn) == serial;
+        let Some(Answer::Joined(state)) = answer else {
+            // It did not take effect: no marker will come.
+            self.joins_in_flight.remove(&request);
+            if !alive {
+                return;
+            }
+            // Undo a first join that did not take effect.
+            let member = first
+                && self.rooms.get(room).is_some_and(|r| r.life == life)
+                && self.has_cursor(conn, room);
+            if member {
+                self.remove_membership(conn, room, now);
+            }
+            let frame = frames::unavailable(id.as_deref());
+            self.fill(conn, request, Slot::Done(vec![frame], None));
+            return;
+        };
+        if !alive {
+            return;
+        }
+        let frames = frames::joined(id.as_deref(), &name, &state, since, epoch.as_deref());
+        let room = (first && self.has_cursor(conn, room)).then_some(room);
+        self.fill(conn, request, Slot::Done(frames, room));
     }
 
     fn has_cursor(&mut self, conn: ConnId, room: RoomId) -> bool {

@@ -5,8 +5,18 @@ use std::time::{Duration, Instant};
 
 use super::server::Server;
 use crate::backplane::redis::RedisBackplane;
+use crate::backplane::redis::bridge::Wake;
 use crate::backplane::redis::commands::{Event, Outgoing};
 use crate::hub::Millis;
+
+/// The bridge threads wake the loop through its poll's waker.
+impl Wake for mio::Waker {
+    fn wake(&self) {
+        // A failed wake leaves the events for the next poll, at most a
+        // poll timeout later: nothing is lost.
+        let _ = mio::Waker::wake(self);
+    }
+}
 
 /// Most bridge events handled in one loop iteration; the rest wait for the next.
 const MAX_BRIDGE_EVENTS: usize = 8192;

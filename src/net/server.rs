@@ -176,7 +176,7 @@ impl Server {
                 }
                 let waker = mio::Waker::new(poll.registry(), BRIDGE)?;
                 let process = commands::random_id();
-                let bridge = Bridge::start(url, args.history, process.clone(), waker)
+                let bridge = Bridge::start(url, args.history, process.clone(), Box::new(waker))
                     .map_err(|error| ServerError::Redis(error.to_string()))?;
                 let backplane = RedisBackplane::new(process, now_ms());
                 (

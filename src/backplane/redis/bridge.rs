@@ -12,7 +12,7 @@
 //!   WebSocket frame already encoded.
 //!
 //! Both talk to the loop only through one `mpsc` channel of events and a
-//! `mio::Waker` (one wake per burst, not per event). Both reconnect with
+//! waker the loop gives it (one wake per burst, not per event). Both reconnect with
 //! capped, jittered exponential backoff; the subscriber resubscribes every
 //! channel it was asked for.
 //!
@@ -50,15 +50,22 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Most commands sent as one pipeline.
 const MAX_BATCH: usize = 512;
 
+/// How the bridge wakes the event loop; the loop gives its own (a
+/// `mio::Waker`), so this module needs nothing of the loop's I/O.
+pub trait Wake: Send + Sync {
+    /// Makes the loop's next poll return.
+    fn wake(&self);
+}
+
 /// Wakes the loop once per burst of events.
 pub struct Notifier {
-    waker: mio::Waker,
+    waker: Box<dyn Wake>,
     pending: AtomicBool,
 }
 
 impl Notifier {
     /// Wraps the loop's waker.
-    pub fn new(waker: mio::Waker) -> Self {
+    pub fn new(waker: Box<dyn Wake>) -> Self {
         Notifier {
             waker,
             pending: AtomicBool::new(false),
@@ -67,7 +74,7 @@ impl Notifier {
 
     fn notify(&self) {
         if !self.pending.swap(true, Ordering::AcqRel) {
-            let _ = self.waker.wake();
+            self.waker.wake();
         }
     }
 
@@ -116,7 +123,7 @@ impl Bridge {
         url: &str,
         history: usize,
         process: String,
-        waker: mio::Waker,
+        waker: Box<dyn Wake>,
     ) -> Result<Bridge, RedisError> {
         let client = Client::open(url)?;
         let notifier = Arc::new(Notifier::new(waker));
@@ -632,53 +639,14 @@ impl CommandThread {
         let node = self.node.as_deref().unwrap_or("");
         let ttl = KEY_TTL_MS.to_string();
         match command {
-            Command::Join {
-                req,
-                room,
-                user_id,
-                user_json,
-                local_count,
-                since,
-                epoch,
-                marker,
-                ..
-            } => {
-                pipe.cmd("EVALSHA")
-                    .arg(self.sha(Script::Join))
-                    .arg(5)
-                    .arg(&commands::room_keys(room)[..])
-                    .arg(crate::hub::random_epoch().as_ref())
-                    .arg(node)
-                    .arg(user_id)
-                    .arg(*local_count)
-                    .arg(user_json)
-                    .arg(&ttl)
-                    .arg(commands::room_channel(room))
-                    .arg(json_string(room))
-                    .arg(marker)
-                    .arg(since.map(|s| s.to_string()).unwrap_or_default())
-                    .arg(epoch.as_deref().unwrap_or(""));
-                Expect::Joined(*req)
-            }
+            Command::Join { .. } => self.add_join(pipe, command, node, &ttl),
             Command::Publish {
                 req,
                 room,
                 head,
                 tail,
             } => {
-                let keys = commands::room_keys(room);
-                pipe.cmd("EVALSHA")
-                    .arg(self.sha(Script::Publish))
-                    .arg(3)
-                    .arg(&keys[0])
-                    .arg(&keys[1])
-                    .arg(&keys[4])
-                    .arg(crate::hub::random_epoch().as_ref())
-                    .arg(self.history)
-                    .arg(&ttl)
-                    .arg(commands::room_channel(room))
-                    .arg(head)
-                    .arg(tail);
+                self.add_publish(pipe, room, head, tail, &ttl);
                 Expect::Published(*req)
             }
             Command::Presence { req, room } => {
@@ -728,29 +696,8 @@ impl CommandThread {
                     .arg(envelope);
                 Expect::Nothing
             }
-            Command::UserCount { user_id, count } => {
-                let key = commands::user_key(user_id);
-                if *count > 0 {
-                    pipe.cmd("HSET").arg(&key).arg(node).arg(*count);
-                    pipe.cmd("PEXPIRE").arg(&key).arg(KEY_TTL_MS).ignore();
-                } else {
-                    pipe.cmd("HDEL").arg(&key).arg(node);
-                }
-                Expect::Nothing
-            }
-            Command::Refresh { rooms, users } => {
-                pipe.cmd("PING");
-                for room in rooms {
-                    for key in commands::room_keys(room) {
-                        pipe.cmd("PEXPIRE").arg(key).arg(KEY_TTL_MS).ignore();
-                    }
-                }
-                for user in users {
-                    pipe.cmd("PEXPIRE")
-                        .arg(commands::user_key(user))
-                        .arg(KEY_TTL_MS)
-                        .ignore();
-                }
+            Command::UserCount { .. } | Command::Refresh { .. } => {
+                add_upkeep(pipe, command, node);
                 Expect::Nothing
             }
             Command::Register { .. } | Command::Shutdown => {
@@ -758,6 +705,57 @@ impl CommandThread {
                 Expect::Nothing
             }
         }
+    }
+
+    /// The join script: membership, presence, marker and the history after `since`.
+    fn add_join(&self, pipe: &mut Pipeline, command: &Command, node: &str, ttl: &str) -> Expect {
+        let Command::Join {
+            req,
+            room,
+            user_id,
+            user_json,
+            local_count,
+            since,
+            epoch,
+            marker,
+            ..
+        } = command
+        else {
+            return Expect::Nothing;
+        };
+        pipe.cmd("EVALSHA")
+            .arg(self.sha(Script::Join))
+            .arg(5)
+            .arg(&commands::room_keys(room)[..])
+            .arg(crate::hub::random_epoch().as_ref())
+            .arg(node)
+            .arg(user_id)
+            .arg(*local_count)
+            .arg(user_json)
+            .arg(ttl)
+            .arg(commands::room_channel(room))
+            .arg(json_string(room))
+            .arg(marker)
+            .arg(since.map(|s| s.to_string()).unwrap_or_default())
+            .arg(epoch.as_deref().unwrap_or(""));
+        Expect::Joined(*req)
+    }
+
+    /// The publish script: the seq, the history and the channel, in one step.
+    fn add_publish(&self, pipe: &mut Pipeline, room: &str, head: &str, tail: &str, ttl: &str) {
+        let keys = commands::room_keys(room);
+        pipe.cmd("EVALSHA")
+            .arg(self.sha(Script::Publish))
+            .arg(3)
+            .arg(&keys[0])
+            .arg(&keys[1])
+            .arg(&keys[4])
+            .arg(crate::hub::random_epoch().as_ref())
+            .arg(self.history)
+            .arg(ttl)
+            .arg(commands::room_channel(room))
+            .arg(head)
+            .arg(tail);
     }
 }
 
@@ -1018,5 +1016,35 @@ impl SubscriberThread {
         {
             self.to_loop.send(Event::User { user_id, item });
         }
+    }
+}
+
+/// A user's connection count here, or the minute's TTL refresh.
+fn add_upkeep(pipe: &mut Pipeline, command: &Command, node: &str) {
+    match command {
+        Command::UserCount { user_id, count } => {
+            let key = commands::user_key(user_id);
+            if *count > 0 {
+                pipe.cmd("HSET").arg(&key).arg(node).arg(*count);
+                pipe.cmd("PEXPIRE").arg(&key).arg(KEY_TTL_MS).ignore();
+            } else {
+                pipe.cmd("HDEL").arg(&key).arg(node);
+            }
+        }
+        Command::Refresh { rooms, users } => {
+            pipe.cmd("PING");
+            for room in rooms {
+                for key in commands::room_keys(room) {
+                    pipe.cmd("PEXPIRE").arg(key).arg(KEY_TTL_MS).ignore();
+                }
+            }
+            for user in users {
+                pipe.cmd("PEXPIRE")
+                    .arg(commands::user_key(user))
+                    .arg(KEY_TTL_MS)
+                    .ignore();
+            }
+        }
+        _ => {}
     }
 }

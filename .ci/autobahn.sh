@@ -9,7 +9,7 @@ AUTOBAHN="${AUTOBAHN:-../shared/autobahn}"
 PORT="${AUTOBAHN_PORT:-9301}"
 cargo build --release --quiet
 BIN=target/release/roomcast
-SECRET=autobahn-secret
+SECRET=roomcast-autobahn-secret-of-32-bytes
 "$BIN" --listen "127.0.0.1:$PORT" --jwt-secret "$SECRET" --echo \
   --max-message-size 16777216 --write-buffer-hard 67108864 \
   --rate-limit 0 --log-level warn &

@@ -128,7 +128,7 @@ compare() { # name compare.sh-args…
 fanout_max=(fanout --rooms 1 --publishers 1 --rate 0 --in-flight "$inflight" --size 128 --warmup 1)
 
 # ---- roomcast alone, instrumented ---------------------------------------------------------
-secret=bench-secret
+secret=roomcast-bench-secret-of-32-bytes
 solo_pid=""
 stop_solo() {
     if [[ -n $solo_pid && -d /proc/$solo_pid ]]; then

@@ -33,7 +33,7 @@ redis_server=$(command -v redis-server || true)
 
 cargo build --release --quiet -p roomcast -p roomcast-bench
 dir=$root/target/release
-secret=bench-secret
+secret=roomcast-bench-secret-of-32-bytes
 stamp=$(date +%Y%m%d-%H%M%S)
 results=$root/target/bench-results
 logs=$results/logs/cluster-$stamp

@@ -59,7 +59,7 @@ while [[ $# -gt 0 ]]; do
 done
 IFS=, read -r -a server_list <<<"$servers"
 
-secret=bench-secret
+secret=roomcast-bench-secret-of-32-bytes
 # Room for a burst of broadcasts to a briefly busy reader without drops.
 buffers=(--write-buffer-soft 1048576 --write-buffer-hard 8388608)
 results="$root/target/bench-results"

@@ -16,7 +16,7 @@ else
     cargo build --quiet -p roomcast -p roomcast-bench
     dir=$root/target/debug
 fi
-secret=bench-secret
+secret=roomcast-bench-secret-of-32-bytes
 logs=$root/target/bench-results/smoke
 mkdir -p "$logs"
 

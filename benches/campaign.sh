@@ -143,11 +143,15 @@ trap stop_solo EXIT
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# One event loop, as compare.sh runs `roomcast` (where the binary knows --threads).
+solo_threads=()
+if "$server_bin" --help 2>/dev/null | grep -q -- '--threads'; then solo_threads=(--threads 1); fi
+
 start_solo() { # log -> sets solo_pid, solo_port
     solo_port=9700
     while port_busy "$solo_port"; do solo_port=$((solo_port + 1)); done
     "$server_bin" --listen "127.0.0.1:$solo_port" --jwt-secret "$secret" --rate-limit 0 \
-        --write-buffer-soft 1048576 --write-buffer-hard 8388608 --log-level warn >"$1" 2>&1 </dev/null &
+        --write-buffer-soft 1048576 --write-buffer-hard 8388608 --log-level warn "${solo_threads[@]}" >"$1" 2>&1 </dev/null &
     solo_pid=$!
     for _ in $(seq 1 100); do port_busy "$solo_port" && break; sleep 0.1; done
     sleep 0.3

@@ -4,10 +4,11 @@
 # prints per server the median of the headline figures and the ratio to roomcast.
 #
 #   benches/compare.sh WORKLOAD [harness flags…] [--reps N] [--servers a,b,…] [--port-base P] [--no-build]
-#                      [--out FILE.jsonl] [--max-other PCT [--retries N]]
+#                      [--out FILE.jsonl] [--max-other PCT [--retries N]] [--roomcast-flags "FLAGS"]
 #   benches/compare.sh fanout --rooms 1 --members 100 --rate 0 --size 128 --duration 5 --reps 3
+#   benches/compare.sh fanout --rooms 50 --members 20 --rate 0 --in-flight 4 --servers roomcast,roomcast:threads=2,tokio-tungstenite
 #
-# Servers: roomcast (target/release, --rate-limit 0), `baseline` (another
+# Servers: roomcast (target/release, --rate-limit 0, --threads 1), `baseline` (another
 # roomcast binary, ROOMCAST_BASELINE=PATH, same flags: a before/after of a
 # change in one interleaved run) and the peers in
 # ../shared/peers (tokio-tungstenite, node-ws, fastapi), copied once to
@@ -18,12 +19,21 @@
 # FILE.jsonl.noisy and repeated, at most --retries times (default 2; the last
 # attempt is kept). Only processes this script started are stopped, by the
 # process group it created for each.
+#
+# roomcast and baseline take options in their spec, NAME:KEY=VALUE[:KEY=VALUE…],
+# each passed as --KEY VALUE to that server only, the column named after them:
+# `roomcast:threads=2` runs `--threads 2` as `roomcast-t2` (other keys: NAME-KEY=VALUE);
+# threads=default passes no --threads (the server's own default, all cores).
+# Without threads in the spec or in --roomcast-flags, a roomcast binary that
+# knows --threads runs with --threads 1. --roomcast-flags "FLAGS" adds FLAGS to
+# every roomcast and baseline server (words split on spaces). Ratios are to
+# `roomcast` if it runs, else to the first server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 shared_peers="$root/../shared/peers"
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [[ $# -ge 1 ]] || usage
 case "$1" in -h|--help) usage ;; esac
 workload=$1
@@ -36,6 +46,7 @@ build=1
 out=""
 max_other=""
 retries=2
+roomcast_flags=""
 args=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -52,12 +63,72 @@ while [[ $# -gt 0 ]]; do
         --max-other=*) max_other=${1#*=}; shift ;;
         --retries) retries=$2; shift 2 ;;
         --retries=*) retries=${1#*=}; shift ;;
+        --roomcast-flags) roomcast_flags=$2; shift 2 ;;
+        --roomcast-flags=*) roomcast_flags=${1#*=}; shift ;;
         --url|--url=*|--server-pid|--server-pid=*|--secret|--secret=*)
             echo "compare.sh sets --url, --secret and --server-pid itself" >&2; exit 2 ;;
         *) args+=("$1"); shift ;;
     esac
 done
-IFS=, read -r -a server_list <<<"$servers"
+IFS=, read -r -a server_specs <<<"$servers"
+read -r -a extra_flags <<<"$roomcast_flags"
+
+# ---- server specs: NAME[:KEY=VALUE…] -> column name, base server, its own flags ------
+is_roomcast() { [[ $1 == roomcast || $1 == baseline ]]; }
+server_list=()      # column names, in run order
+declare -A base_of  # column name -> roomcast | baseline | peer name
+declare -A flags_of # column name -> its own flags (roomcast and baseline only)
+declare -A pin_of   # column name -> 1: add --threads 1 where the binary knows it
+declare -A spec_of  # column name -> the spec as given
+flag_given() { # flag words… : is --flag (or --flag=…) among the words?
+    local flag=$1 w
+    shift
+    for w in "$@"; do [[ $w == "$flag" || $w == "$flag="* ]] && return 0; done
+    return 1
+}
+for spec in "${server_specs[@]}"; do
+    base=${spec%%:*}
+    name=$base
+    own=()
+    pin=1
+    flag_given --threads "${extra_flags[@]}" && pin=0
+    if [[ $spec == *:* ]]; then
+        if ! is_roomcast "$base"; then
+            echo "server options ($spec) are for roomcast and baseline only" >&2
+            exit 2
+        fi
+        IFS=: read -r -a kvs <<<"${spec#*:}"
+        for kv in "${kvs[@]}"; do
+            key=${kv%%=*}
+            value=${kv#*=}
+            if [[ $kv != *=* || ! $key =~ ^[a-z][a-z0-9-]*$ || ! $value =~ ^[A-Za-z0-9._-]+$ ]]; then
+                echo "bad server option '$kv' in $spec (want KEY=VALUE, e.g. roomcast:threads=2)" >&2
+                exit 2
+            fi
+            if flag_given "--$key" "${extra_flags[@]}"; then
+                echo "--$key is both in --roomcast-flags and in $spec" >&2
+                exit 2
+            fi
+            if [[ $key == threads ]]; then
+                pin=0
+                name+="-t$value"
+                [[ $value == default ]] && continue
+            else
+                name+="-$key=$value"
+            fi
+            own+=("--$key" "$value")
+        done
+    fi
+    if [[ -n ${base_of[$name]:-} ]]; then
+        echo "two servers would both be named $name (--servers $servers)" >&2
+        exit 2
+    fi
+    server_list+=("$name")
+    base_of[$name]=$base
+    flags_of[$name]="${own[*]}"
+    pin_of[$name]=$pin
+    spec_of[$name]=$spec
+done
 
 secret=roomcast-bench-secret-of-32-bytes
 # Room for a burst of broadcasts to a briefly busy reader without drops.
@@ -73,6 +144,7 @@ else
     out=$(cd "$(dirname "$out")" && pwd)/$(basename "$out")
 fi
 noisy="$out.noisy"
+rel() { echo "${1#"$root"/}"; } # a path as shown: relative to the repository
 
 bench="$root/target/release/roomcast-bench"
 server_bin="$root/target/release/roomcast"
@@ -124,20 +196,48 @@ free_port() { # preferred
     echo "$p"
 }
 
+declare -A knows_threads # binary -> 1 when its --help lists --threads
+threads_flag_known() {
+    local bin=$1
+    if [[ -z ${knows_threads[$bin]:-} ]]; then
+        knows_threads[$bin]=0
+        if "$bin" --help 2>/dev/null | grep -q -- '--threads'; then knows_threads[$bin]=1; fi
+    fi
+    [[ ${knows_threads[$bin]} == 1 ]]
+}
+
+# roomcast_flags_of NAME -> sets FLAGS: what this roomcast or baseline server
+# gets beyond the common flags (--roomcast-flags, its spec's, --threads 1).
+roomcast_flags_of() {
+    local name=$1 bin=$2
+    local own
+    read -r -a own <<<"${flags_of[$name]}"
+    FLAGS=("${extra_flags[@]}" "${own[@]}")
+    if [[ ${pin_of[$name]} == 1 ]] && threads_flag_known "$bin"; then
+        FLAGS+=(--threads 1)
+    fi
+}
+
 # start_server NAME PORT LOG -> sets SERVER_PID; the process leads its own
 # process group (setsid without forking: we are not a group leader), and
 # run.sh execs the real server, so the PID is the server's.
 start_server() {
     local name=$1 port=$2 log=$3
+    local base=${base_of[$name]}
     local cmd
-    if [[ $name == roomcast || $name == baseline ]]; then
+    SERVER_FLAGS=()
+    if is_roomcast "$base"; then
         local bin=$server_bin
-        [[ $name == baseline ]] && bin=${ROOMCAST_BASELINE:?baseline needs ROOMCAST_BASELINE=PATH to a roomcast binary}
-        cmd=("$bin" --listen "127.0.0.1:$port" --jwt-secret "$secret" --rate-limit 0 "${buffers[@]}" --echo --log-level warn)
+        [[ $base == baseline ]] && bin=${ROOMCAST_BASELINE:?baseline needs ROOMCAST_BASELINE=PATH to a roomcast binary}
+        roomcast_flags_of "$name" "$bin"
+        cmd=("$bin" --listen "127.0.0.1:$port" --jwt-secret "$secret" --rate-limit 0 "${buffers[@]}" --echo --log-level warn "${FLAGS[@]}")
+        SERVER_FLAGS=("${FLAGS[@]}")
     else
-        cmd=("$root/target/peers/$name/run.sh" --listen "127.0.0.1:$port" --jwt-secret "$secret" --rate-limit 0 "${buffers[@]}")
+        cmd=("$root/target/peers/$base/run.sh" --listen "127.0.0.1:$port" --jwt-secret "$secret" --rate-limit 0 "${buffers[@]}")
     fi
-    setsid "${cmd[@]}" >"$log" 2>&1 </dev/null &
+    # The command without the program's path (no machine paths in the logs).
+    echo "# $name: ${cmd[*]:1}" >"$log"
+    setsid "${cmd[@]}" >>"$log" 2>&1 </dev/null &
     SERVER_PID=$!
     started_pids+=("$SERVER_PID")
 }
@@ -162,8 +262,9 @@ wait_ready() {
 }
 
 # ---- peers: private copies, prepared once (first builds take minutes) -------------
-for name in "${server_list[@]}"; do
-    [[ $name == roomcast || $name == baseline ]] && continue
+for base in $(printf '%s\n' "${base_of[@]}" | sort -u); do
+    is_roomcast "$base" && continue
+    name=$base
     if [[ ! -d $shared_peers/$name ]]; then
         echo "no peer $name in $shared_peers" >&2
         exit 2
@@ -183,19 +284,21 @@ done
 
 skip_reason() { # name -> prints why this server cannot run the workload
     local name=$1
-    if [[ $name != roomcast && $name != baseline && $wants_echo_endpoint == 1 ]]; then
+    if ! is_roomcast "${base_of[$name]}" && [[ $wants_echo_endpoint == 1 ]]; then
         echo "no /echo endpoint"
     fi
 }
 
 for name in "${server_list[@]}"; do
-    [[ $name == roomcast || $name == baseline ]] && continue
+    is_roomcast "${base_of[$name]}" && continue
     [[ -n $(skip_reason "$name") ]] && continue
+    # one preparation per peer, whatever the columns
+    [[ $name == "${base_of[$name]}" ]] || continue
     port=$(free_port "$port_base")
-    echo "== preparing $name (first start builds/installs; log: $logs/$name-prepare.log)" >&2
+    echo "== preparing $name (first start builds/installs; log: $(rel "$logs/$name-prepare.log"))" >&2
     start_server "$name" "$port" "$logs/$name-prepare.log"
     if ! wait_ready "$SERVER_PID" "$port" 1200; then
-        echo "!! $name did not start; see $logs/$name-prepare.log" >&2
+        echo "!! $name did not start; see $(rel "$logs/$name-prepare.log")" >&2
         tail -20 "$logs/$name-prepare.log" >&2 || true
         stop_server "$SERVER_PID"
         exit 1
@@ -204,7 +307,7 @@ for name in "${server_list[@]}"; do
 done
 
 # ---- the runs, interleaved ----------------------------------------------------------
-echo "== $workload ${args[*]}  (reps $reps; servers ${server_list[*]}; raw: $out)" >&2
+echo "== $workload ${args[*]}  (reps $reps; servers ${server_list[*]}; raw: $(rel "$out"))" >&2
 # run_once NAME REP ATTEMPT -> sets LINE (the JSON line, server_name and rep added)
 run_once() {
     local name=$1 rep=$2 attempt=$3 port log pid
@@ -214,29 +317,33 @@ run_once() {
     start_server "$name" "$port" "$log"
     pid=$SERVER_PID
     if ! wait_ready "$pid" "$port" 120; then
-        echo "!! rep $rep $name: server did not start (log $log)" >&2
+        echo "!! rep $rep $name: server did not start (log $(rel "$log"))" >&2
         stop_server "$pid"
-        LINE=$(printf '{"workload":"%s","ok":false,"error":"server did not start","server_name":"%s","rep":%d}' \
-            "$workload" "$name" "$rep")
-        return 0
+        LINE=$(printf '{"workload":"%s","ok":false,"error":"server did not start"}' "$workload")
+    else
+        sleep 0.3
+        set +e
+        LINE=$("$bench" "$workload" --url "ws://127.0.0.1:$port" --secret "$secret" --server-pid "$pid" \
+            --json-only "${args[@]}" 2>>"$log" | grep '^{' | tail -1)
+        set -e
+        stop_server "$pid"
+        if [[ -z $LINE ]]; then
+            LINE=$(printf '{"workload":"%s","ok":false,"error":"harness printed no JSON line"}' "$workload")
+        fi
     fi
-    sleep 0.3
-    set +e
-    LINE=$("$bench" "$workload" --url "ws://127.0.0.1:$port" --secret "$secret" --server-pid "$pid" \
-        --json-only "${args[@]}" 2>>"$log" | grep '^{' | tail -1)
-    set -e
-    stop_server "$pid"
-    if [[ -z $LINE ]]; then
-        LINE=$(printf '{"workload":"%s","ok":false,"error":"harness printed no JSON line"}' "$workload")
-    fi
-    LINE=$(NAME="$name" REP="$rep" ATTEMPT="$attempt" python3 -c '
+    # server_spec: as given in --servers; server_flags: what this roomcast got
+    # beyond the flags every server gets.
+    LINE=$(NAME="$name" SPEC="${spec_of[$name]}" REP="$rep" ATTEMPT="$attempt" python3 -c '
 import json, os, sys
-d = json.loads(sys.stdin.read())
+d = json.loads(sys.stdin.readline())
 d["server_name"] = os.environ["NAME"]
+d["server_spec"] = os.environ["SPEC"]
+d["server_flags"] = sys.stdin.read().split()
 d["rep"] = int(os.environ["REP"])
 if os.environ["ATTEMPT"] != "1":
     d["attempt"] = int(os.environ["ATTEMPT"])
-print(json.dumps(d, separators=(",", ":")))' <<<"$LINE")
+print(json.dumps(d, separators=(",", ":")))' <<<"$LINE
+${SERVER_FLAGS[*]}")
 }
 
 # other_pct LINE -> other processes' CPU during the window (% of a core), 0 if unknown
@@ -274,7 +381,7 @@ for ((rep = 1; rep <= reps; rep++)); do
 import json, os, sys
 d = json.loads(sys.stdin.read())
 f = d.get("figures", {})
-shown = ", ".join(f"{k}={f.get(k)}" for k in d.get("key", []))
+shown = ", ".join(f"{k}={f.get(k)}" for k in d.get("key", []) + (["loop_balance"] if "loop_balance" in f else []))
 status = "ok" if d.get("ok") else "FAILED: " + str(d.get("error"))
 rep, name = os.environ["REP"], os.environ["NAME"]
 print(f"-- rep {rep} {name:<18} {status}  {shown}", file=sys.stderr)
@@ -285,7 +392,7 @@ done
 
 # ---- medians and ratios ---------------------------------------------------------------
 python3 - "$out" "${server_list[@]}" <<'EOF'
-import json, statistics, sys
+import json, os, statistics, sys
 
 path, servers = sys.argv[1], sys.argv[2:]
 runs = [json.loads(l) for l in open(path) if l.strip()]
@@ -294,7 +401,7 @@ for r in runs:
     for k in r.get("key", []):
         if k not in keys:
             keys.append(k)
-extra = ["spread_p50_us", "spread_p99_us", "server_kernel_us_per_delivery", "client_cpu_us_per_delivery", "client_kernel_us_per_delivery", "server_cpu_pct", "client_cpu_pct"]
+extra = ["spread_p50_us", "spread_p99_us", "server_kernel_us_per_delivery", "client_cpu_us_per_delivery", "client_kernel_us_per_delivery", "server_cpu_pct", "loop_balance", "client_cpu_pct"]
 rows = keys + [k for k in extra if k not in keys]
 
 def median(server, key):
@@ -311,9 +418,11 @@ def fmt(m):
         return f"{m:.1f}"
     return f"{m:.4g}"
 
-base = {k: median("roomcast", k) for k in rows}
+base_name = "roomcast" if "roomcast" in servers else servers[0]
+base = {k: median(base_name, k) for k in rows}
+shown_path = os.path.relpath(path) if path.startswith(os.getcwd() + "/") else path
 print()
-print(f"median of {max((sum(1 for r in runs if r.get('server_name') == s and r.get('ok')) for s in servers), default=0)} run(s) per server; ratio = server ÷ roomcast; raw: {path}")
+print(f"median of {max((sum(1 for r in runs if r.get('server_name') == s and r.get('ok')) for s in servers), default=0)} run(s) per server; ratio = server ÷ {base_name}; raw: {shown_path}")
 width = max([len(k) for k in rows] + [10])
 header = f"{'figure':<{width}}" + "".join(f"  {s:>26}" for s in servers)
 print(header)
@@ -324,7 +433,7 @@ for k in rows:
         m = median(s, k)
         if m is None:
             cell = "—"
-        elif s == "roomcast" or not base.get(k):
+        elif s == base_name or not base.get(k):
             cell = fmt(m)
         else:
             cell = f"{fmt(m)} ({m / base[k]:.2f}×)"

@@ -58,6 +58,11 @@ assert d["workload"] == os.environ["WORKLOAD"], d["workload"]
 assert d["ok"] is True, f"harness error: {d.get('error')}"
 assert os.environ["RC"] == "0", f"exit status {os.environ['RC']}"
 assert d["figures"] and d["key"], "no figures"
+if d["server"].get("cpu_us"):  # the server used CPU: per thread too (--server-pid)
+    threads = d["server"].get("thread_cpu_pct")
+    assert isinstance(threads, dict) and threads, f"no server.thread_cpu_pct: {d['server']}"
+    if any(t.startswith("roomcast-loop-") for t in threads):
+        assert "loop_balance" in d["figures"], "event-loop threads but no loop_balance"
 EOF
         echo "ok   $name"
         passed=$((passed + 1))

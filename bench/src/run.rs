@@ -292,6 +292,75 @@ fn per_delivery_split(r: &mut Report, w: &CpuWindow, delivered: u64, echo: bool)
     );
 }
 
+/// The server's CPU per thread (`server.thread_cpu_pct`: name → % of a
+/// core, threads that used any) and per event loop (`server.loop_cpu_pct`,
+/// `loop_balance` = least busy loop ÷ busiest).
+fn server_thread_figures(r: &mut Report, w: &CpuWindow) {
+    if w.server_threads_pct.is_empty() {
+        return;
+    }
+    let pct = |p: f64| {
+        if p >= 10.0 {
+            format!("{p:.0}%")
+        } else {
+            format!("{p:.1}%")
+        }
+    };
+    const SHOWN: usize = 8;
+    let mut busiest = w.server_threads_pct.clone();
+    busiest.sort_by(|x, y| y.1.total_cmp(&x.1));
+    let mut shown: Vec<String> = busiest
+        .iter()
+        .take(SHOWN)
+        .map(|(name, p)| format!("{name} {}", pct(*p)))
+        .collect();
+    if busiest.len() > SHOWN {
+        let rest: f64 = busiest[SHOWN..].iter().map(|t| t.1).sum();
+        shown.push(format!("{} more {}", busiest.len() - SHOWN, pct(rest)));
+    }
+    r.row("  server threads (busiest first)", shown.join("  "));
+    r.server.put(
+        "thread_cpu_pct",
+        Value::Object(
+            w.server_threads_pct
+                .iter()
+                .map(|(name, p)| (name.clone(), Value::from(round(*p, 1))))
+                .collect(),
+        ),
+    );
+    if w.loops_pct.is_empty() {
+        return;
+    }
+    r.server.put("loops", w.loops_pct.len() as u64);
+    r.server.put(
+        "loop_cpu_pct",
+        Value::from(
+            w.loops_pct
+                .iter()
+                .map(|l| round(l.1, 1))
+                .collect::<Vec<_>>(),
+        ),
+    );
+    if let Some(balance) = w.loop_balance() {
+        r.fig(
+            "loop_balance",
+            "  event-loop balance (least ÷ most busy)",
+            round(balance, 3),
+            format!(
+                "{balance:.2}  ({} loop{}: {})",
+                w.loops_pct.len(),
+                if w.loops_pct.len() == 1 { "" } else { "s" },
+                w.loops_pct
+                    .iter()
+                    .map(|l| pct(l.1))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            ),
+        );
+        r.server.put("loop_balance", round(balance, 3));
+    }
+}
+
 fn cpu_figures(r: &mut Report, w: &CpuWindow, threads: usize, section: &str) {
     r.section(section);
     if let (Some(pct), Some(us)) = (w.server_pct, w.server_us) {
@@ -303,6 +372,7 @@ fn cpu_figures(r: &mut Report, w: &CpuWindow, threads: usize, section: &str) {
         );
         r.server.put("cpu_pct", round(pct, 1));
         r.server.put("cpu_us", us);
+        server_thread_figures(r, w);
     }
     r.fig(
         "client_cpu_pct",

@@ -56,6 +56,9 @@ pub struct ServerArgs {
     /// Address to listen on: IP:PORT or HOST:PORT (a host name is resolved).
     #[arg(long, env = "ROOMCAST_LISTEN", default_value = "127.0.0.1:8080", value_parser = listen_address)]
     pub listen: SocketAddr,
+    /// Event loops (threads serving connections); default: the cores this process may use.
+    #[arg(long, env = "ROOMCAST_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
     /// HS256 secret for client tokens. Without it the server runs in demo mode with a random secret.
     #[arg(long, env = "ROOMCAST_JWT_SECRET", hide_env_values = true, value_parser = non_empty_secret)]
     pub jwt_secret: Option<String>,
@@ -269,6 +272,14 @@ impl ServerArgs {
             return Err(ConfigError::RedisUrl(error.to_string()));
         }
         Ok(())
+    }
+
+    /// The event loops to run: `--threads`, else the cores the process may use.
+    pub fn loops(&self) -> usize {
+        match self.threads {
+            Some(threads) => usize::from(threads),
+            None => std::thread::available_parallelism().map_or(1, usize::from),
+        }
     }
 
     /// The largest message size as `usize` (saturating on small targets).

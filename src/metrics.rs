@@ -96,6 +96,8 @@ pub struct Gauges {
     pub rooms: usize,
     /// With `--redis`: whether Redis is reachable.
     pub redis_up: Option<bool>,
+    /// Event loops in the process (`--threads`).
+    pub threads: usize,
 }
 
 impl Metrics {
@@ -127,9 +129,40 @@ impl Metrics {
         }
     }
 
+    /// Adds another loop's counters: the process totals (§12).
+    pub fn merge(&mut self, other: &Metrics) {
+        self.messages_received += other.messages_received;
+        self.messages_sent += other.messages_sent;
+        self.messages_dropped += other.messages_dropped;
+        for (total, count) in self.drops.iter_mut().zip(other.drops) {
+            *total += count;
+        }
+        self.slow_consumers_closed += other.slow_consumers_closed;
+        self.bytes_sent += other.bytes_sent;
+        for (total, count) in self
+            .handshakes_rejected
+            .iter_mut()
+            .zip(other.handshakes_rejected)
+        {
+            *total += count;
+        }
+        let (mine, theirs) = (&mut self.loop_iterations, &other.loop_iterations);
+        for (total, count) in mine.buckets.iter_mut().zip(theirs.buckets) {
+            *total += count;
+        }
+        mine.over += theirs.over;
+        mine.sum_seconds += theirs.sum_seconds;
+    }
+
     /// The families of §7 and the extras, as (name, help, kind, value).
     fn families(&self, gauges: Gauges) -> Vec<Family> {
         let mut families = vec![
+            Family::plain(
+                "threads",
+                "Event loops in the process (--threads).",
+                "gauge",
+                gauges.threads as u64,
+            ),
             Family::plain(
                 "connections",
                 "Open WebSocket connections.",
@@ -361,10 +394,12 @@ mod tests {
             connections: 5,
             rooms: 2,
             redis_up: Some(true),
+            threads: 4,
         };
         let text = metrics.prometheus(gauges);
         let stats: serde_json::Value = serde_json::from_str(&metrics.stats_json(gauges)).unwrap();
         assert!(text.contains("roomcast_connections 5"));
+        assert!(text.contains("roomcast_threads 4"));
         assert_eq!(stats["connections"], 5);
         assert!(text.contains("roomcast_messages_dropped_total 4"));
         assert_eq!(stats["messages_dropped_total"], 4);

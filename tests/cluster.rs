@@ -497,7 +497,10 @@ fn subscriber_ids(admin: &mut redis::Connection) -> Vec<u64> {
 #[test]
 fn a_dropped_pub_sub_connection_is_resubscribed() {
     let redis = Redis::start();
-    let (a, b) = (node(&redis, &[]), node(&redis, &[]));
+    // One loop per node: each loop of a node has its own bridge today
+    // (see the README), and this test counts the subscriber connections.
+    let one_loop = ["--threads", "1"];
+    let (a, b) = (node(&redis, &one_loop), node(&redis, &one_loop));
     let mut alice = a.connect("alice");
     let mut bob = b.connect("bob");
     alice.join("lobby");
@@ -940,5 +943,158 @@ fn a_node_re_registering_late_after_an_empty_restart_misses_nothing() {
     for (who, log) in [("bob", &bob_log), ("dave", &dave_log)] {
         let seq = check_new_epoch(who, log, &old_epoch, last);
         assert!(seq >= 20, "{who}: joined at seq {seq}");
+    }
+}
+
+#[test]
+fn nodes_of_two_loops_each_behave_as_one_server() {
+    // §12: with --redis, every node runs its N loops and §10 holds between
+    // nodes. Four single-tab users per node, and one user with two tabs on
+    // each node, so every loop of both nodes likely holds a member.
+    let redis = Redis::start();
+    let flags = ["--threads", "2", "--rate-limit", "0"];
+    let (a, b) = (node(&redis, &flags), node(&redis, &flags));
+    let mut members: Vec<(String, Client)> = Vec::new();
+    for (node, prefix) in [(&a, "a"), (&b, "b")] {
+        for i in 0..4 {
+            let sub = format!("{prefix}{i}");
+            let mut client = node.connect(&sub);
+            client.join("mesh");
+            members.push((sub, client));
+        }
+    }
+    let mut tabs = Vec::new();
+    for node in [&a, &b, &a, &b] {
+        let mut tab = node.connect("both");
+        let joined = join_with(&mut tab, json!({"room": "mesh"}));
+        assert_eq!(
+            joined["payload"]["count"], 9,
+            "eight users and `both`, however many tabs and nodes: {joined}"
+        );
+        tabs.push(tab);
+    }
+    // Asked by a tab of `both`, which has no other frame pending.
+    let presence =
+        tabs[0].request(json!({"type": "presence", "id": "p", "payload": {"room": "mesh"}}));
+    assert_eq!(presence["type"], "presence", "{presence}");
+    let mut users: Vec<(String, u64)> = presence["payload"]["users"]
+        .as_array()
+        .expect("users")
+        .iter()
+        .map(|u| {
+            (
+                u["id"].as_str().unwrap().to_string(),
+                u["connections"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    users.sort();
+    let mut expected: Vec<(String, u64)> =
+        members.iter().map(|(sub, _)| (sub.clone(), 1)).collect();
+    expected.push(("both".to_string(), 4));
+    expected.sort();
+    assert_eq!(users, expected, "presence merges both nodes' loops");
+
+    // Messages from both nodes at once: one seq order for everyone.
+    const EACH: u64 = 30;
+    for n in 0..EACH {
+        send(
+            &mut members[0].1,
+            "mesh",
+            json!({"from": "a0", "n": n}),
+            None,
+        );
+        send(
+            &mut members[4].1,
+            "mesh",
+            json!({"from": "b0", "n": n}),
+            None,
+        );
+    }
+    let mut orders = Vec::new();
+    let receivers = members
+        .iter_mut()
+        .map(|(sub, client)| (sub.clone(), client))
+        .chain(tabs.iter_mut().map(|tab| ("both".to_string(), tab)));
+    for (who, client) in receivers {
+        let mut seen = Vec::new();
+        let mut joins_of_both = 0;
+        while seen.len() < (2 * EACH) as usize {
+            let frame = recv_kinds(client, &["message", "user_joined"]);
+            if frame["type"] == "user_joined" {
+                if frame["payload"]["user"]["id"] == "both" {
+                    joins_of_both += 1;
+                    assert_eq!(frame["payload"]["count"], 9, "{who}: {frame}");
+                }
+                continue;
+            }
+            let payload = &frame["payload"];
+            seen.push((
+                payload["seq"].as_u64().unwrap(),
+                payload["content"]["from"].as_str().unwrap().to_string(),
+                payload["content"]["n"].as_u64().unwrap(),
+            ));
+        }
+        if who != "both" {
+            assert_eq!(
+                joins_of_both, 1,
+                "{who}: one user_joined for `both`'s four tabs on two nodes"
+            );
+        }
+        let seqs: Vec<u64> = seen.iter().map(|(seq, _, _)| *seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=2 * EACH).collect::<Vec<_>>(),
+            "{who}: seq 1.. without gaps or duplicates"
+        );
+        for from in ["a0", "b0"] {
+            let ns: Vec<u64> = seen
+                .iter()
+                .filter(|(_, sender, _)| sender == from)
+                .map(|(_, _, n)| *n)
+                .collect();
+            assert_eq!(
+                ns,
+                (0..EACH).collect::<Vec<_>>(),
+                "{who}: {from}'s in order"
+            );
+        }
+        orders.push((who, seen));
+    }
+    for (who, seen) in &orders[1..] {
+        assert_eq!(
+            seen, &orders[0].1,
+            "{who} and {} saw different orders",
+            orders[0].0
+        );
+    }
+
+    // `both` leaves tab by tab: one user_left, after the last only.
+    let mut last = tabs.pop().unwrap();
+    for tab in &mut tabs {
+        tab.send(json!({"type": "leave", "id": "l", "payload": {"room": "mesh"}}));
+        assert_eq!(recv_kinds(tab, &["left"])["payload"]["room"], "mesh");
+    }
+    let presence = members[5]
+        .1
+        .request(json!({"type": "presence", "id": "p", "payload": {"room": "mesh"}}));
+    assert_eq!(presence["type"], "presence", "no user_left yet: {presence}");
+    assert!(
+        presence["payload"]["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u["id"] == "both"),
+        "one tab of `both` is still in: {presence}"
+    );
+    last.send(json!({"type": "leave", "id": "l", "payload": {"room": "mesh"}}));
+    assert_eq!(recv_kinds(&mut last, &["left"])["payload"]["room"], "mesh");
+    for (who, client) in members.iter_mut() {
+        let left = recv_kinds(client, &["user_left"]);
+        assert_eq!(left["payload"]["user"]["id"], "both", "{who}: {left}");
+        assert_eq!(left["payload"]["count"], 8, "{who}: {left}");
+        client.send(json!({"type": "ping", "id": "end"}));
+        let next = recv_kinds(client, &["pong", "user_left"]);
+        assert_eq!(next["type"], "pong", "{who}: a second user_left: {next}");
     }
 }

@@ -314,6 +314,10 @@ fn percent_encode_all(text: &str) -> String {
 // Processes started with a chosen environment
 // ---------------------------------------------------------------------------
 
+/// The binary with exactly `args` and `env`. Callers that start a server add
+/// `common::threads_args()` (a flag: every `ROOMCAST_*` variable is removed
+/// here); [`run_to_exit`] does not, since its runs must exit before serving
+/// and `roomcast token` takes no `--threads`.
 fn roomcast_command(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_roomcast"));
     command.args(args);
@@ -338,6 +342,7 @@ impl EnvServer {
         let mut all = vec!["--listen", "127.0.0.1:0", "--log-level", "warn"];
         all.extend_from_slice(args);
         let mut child = roomcast_command(&all, env)
+            .args(common::threads_args())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -1854,6 +1859,7 @@ fn listen_resolves_a_host_name_and_a_bad_value_shows_an_example() {
         &["--jwt-secret", common::SECRET, "--listen", "localhost:0"],
         &[],
     )
+    .args(common::threads_args())
     .stdout(Stdio::piped())
     .spawn()
     .expect("start roomcast");
@@ -1916,6 +1922,7 @@ fn a_short_secret_is_warned_about_at_start() {
         &["--listen", "127.0.0.1:0", "--jwt-secret", "0123456789"],
         &[],
     )
+    .args(common::threads_args())
     .stdout(Stdio::null())
     .stderr(Stdio::piped())
     .spawn()
@@ -1951,6 +1958,7 @@ fn a_short_secret_is_warned_about_at_start() {
         ],
         &[],
     )
+    .args(common::threads_args())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
     .spawn()

@@ -814,6 +814,7 @@ impl FdLimitedServer {
             .arg(env!("CARGO_BIN_EXE_roomcast"))
             .args(["--listen", "127.0.0.1:0", "--log-level", level])
             .args(["--jwt-secret", SECRET])
+            .args(common::threads_args())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -1323,7 +1324,8 @@ fn await_stopped(pid: u32) {
 /// the bystander's message comes first.
 #[test]
 fn a_bystander_is_served_between_the_turns_of_a_flooder() {
-    let server = TestServer::start(&["--rate-limit", "0"]);
+    // Turns are a property of one loop: both sockets must share it.
+    let server = TestServer::start(&["--rate-limit", "0", "--threads", "1"]);
     let mut flooder = RawWs::open(server.addr, &ws_path("flooder"));
     assert_eq!(flooder.json()["type"], "welcome");
     for room in ["alone", "shared"] {

@@ -167,7 +167,11 @@ impl Backplane for LocalBackplane {
             authority.history.push_back((seq, frame.clone()));
         }
         self.changes += 1;
-        Reply::Now(Published { seq, frame })
+        Reply::Now(Published {
+            seq,
+            frame,
+            delivered_elsewhere: 0,
+        })
     }
 
     fn room_frame(&mut self, _room: RoomRef<'_>, _frame: &Bytes, _except: Option<&str>) -> bool {

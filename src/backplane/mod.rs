@@ -22,6 +22,7 @@
 #[cfg(test)]
 pub(crate) mod deferred;
 pub mod local;
+pub mod loops;
 pub mod redis;
 
 use std::any::Any;
@@ -123,6 +124,9 @@ pub struct Published {
     pub seq: u64,
     /// The `message` frame to deliver now to the room's members here.
     pub frame: Bytes,
+    /// Member connections elsewhere it goes to (other loops), for the
+    /// server API's `delivered`.
+    pub delivered_elsewhere: u64,
 }
 
 /// A frame for every member of a room (but the connections of `except`).
@@ -324,6 +328,12 @@ pub trait Backplane {
     /// A count that moves whenever `export_rooms` would give something new.
     fn room_changes(&self) -> u64 {
         0
+    }
+
+    /// Rooms occupied whose authority is here, when that differs from the
+    /// rooms with members here (N loops: each room is counted by its home).
+    fn occupied_rooms(&self) -> Option<usize> {
+        None
     }
 
     /// For the I/O shell's backplane-specific plumbing (the Redis bridge).

@@ -31,4 +31,4 @@ pub(crate) use response::{response, response_with};
 // The helpers the upgrade checks in `ws` share with the plain endpoints.
 pub(crate) use query::{cookie, percent_decode, query_param};
 pub(crate) use request::{first_header, header_lines, list_has_token};
-pub(crate) use response::{reject, reject_with};
+pub(crate) use response::{refusal, reject, reject_with};

@@ -89,6 +89,16 @@ fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
+/// The bytes of a refusal with the standard short body, for the shell when
+/// it refuses after a decision (the last `--max-connections` slot went to
+/// another loop meanwhile).
+pub(crate) fn refusal(reason: RejectReason) -> Vec<u8> {
+    match reject(reason) {
+        Decision::Reject { response, .. } => response,
+        _ => Vec::new(),
+    }
+}
+
 /// A refusal with the standard short body.
 pub(crate) fn reject(reason: RejectReason) -> Decision {
     reject_with(reason, &[])

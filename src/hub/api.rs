@@ -86,6 +86,7 @@ impl Hub {
                 }
             }
         };
+        self.apply_effects(now);
         self.settle(now);
         answer
     }
@@ -118,12 +119,13 @@ impl Hub {
         };
         let answer = match self.backplane.publish(&publication) {
             Reply::Now(published) => {
-                let delivered = self.deliver_traffic(
+                let here = self.deliver_traffic(
                     room_id,
                     Some(published.seq),
                     Except::Nobody,
                     &published.frame,
                 );
+                let delivered = here as u64 + published.delivered_elsewhere;
                 let seq = published.seq;
                 Some(ApiAnswer::Ok(format!(
                     r#"{{"delivered":{delivered},"seq":{seq}}}"#
@@ -171,6 +173,7 @@ impl Hub {
             }
             Reply::Unavailable => Some(ApiAnswer::Unavailable),
         };
+        self.apply_effects(now);
         self.settle(now);
         answer
     }

@@ -6,7 +6,7 @@ use serde_json::value::RawValue;
 
 use super::delivery::{Except, lagged_frame};
 use super::session::Slot;
-use super::{ApiAnswer, ConnId, Hub, Millis, RoomId, frames};
+use super::{ApiAnswer, CloseRequest, ConnId, Hub, Millis, RoomId, frames};
 use crate::backplane::{Answer, Effect, RequestId, Resume, RoomTraffic, UserItem};
 use crate::protocol::{FrameBuilder, error_frame};
 
@@ -215,7 +215,7 @@ impl Hub {
                     (Some(Answer::Published { .. }), None) => Vec::new(),
                     (_, id) => vec![frames::unavailable(id.as_deref())],
                 };
-                self.fill(conn, request, Slot::Done(frames, None));
+                self.fill(conn, request, Slot::Done(frames, None), now);
             }
             Waiting::Direct {
                 conn,
@@ -237,7 +237,7 @@ impl Hub {
                     },
                     _ => vec![frames::unavailable(id.as_deref())],
                 };
-                self.fill(conn, request, Slot::Done(frames, None));
+                self.fill(conn, request, Slot::Done(frames, None), now);
             }
             Waiting::Presence {
                 conn,
@@ -254,7 +254,7 @@ impl Hub {
                     }
                     _ => frames::unavailable(id.as_deref()),
                 };
-                self.fill(conn, request, Slot::Done(vec![frame], None));
+                self.fill(conn, request, Slot::Done(vec![frame], None), now);
             }
             Waiting::Api { ticket, kind } => {
                 let answer = super::api::answer_of(kind, answer);
@@ -298,7 +298,7 @@ impl Hub {
                 self.remove_membership(conn, room, now);
             }
             let frame = frames::unavailable(id.as_deref());
-            self.fill(conn, request, Slot::Done(vec![frame], None));
+            self.fill(conn, request, Slot::Done(vec![frame], None), now);
             return;
         };
         if !alive {
@@ -306,7 +306,7 @@ impl Hub {
         }
         let frames = frames::joined(id.as_deref(), &name, &state, since, epoch.as_deref());
         let room = (first && self.has_cursor(conn, room)).then_some(room);
-        self.fill(conn, request, Slot::Done(frames, room));
+        self.fill(conn, request, Slot::Done(frames, room), now);
     }
 
     fn has_cursor(&mut self, conn: ConnId, room: RoomId) -> bool {
@@ -368,7 +368,7 @@ impl Hub {
     }
 
     /// Puts an answer in its place and sends what is ready in order.
-    fn fill(&mut self, conn: ConnId, request: RequestId, done: Slot) {
+    fn fill(&mut self, conn: ConnId, request: RequestId, done: Slot, now: Millis) {
         let Some(session) = self.session_mut(conn) else {
             return;
         };
@@ -379,14 +379,22 @@ impl Hub {
         {
             *slot = done;
         }
-        self.flush_replies(conn);
+        self.flush_replies(conn, now);
     }
 
-    fn flush_replies(&mut self, conn: ConnId) {
+    fn flush_replies(&mut self, conn: ConnId, now: Millis) {
         loop {
             let Some(session) = self.session_mut(conn) else {
                 return;
             };
+            if session.replies.is_empty()
+                && let Some((code, reason)) = session.close_after_replies.take()
+            {
+                // The close that waited for these replies.
+                self.closes.push(CloseRequest { conn, code, reason });
+                self.detach(conn, now);
+                return;
+            }
             if matches!(session.replies.front(), None | Some(Slot::Waiting(_))) {
                 return;
             }

@@ -154,6 +154,8 @@ pub struct Hub {
     due: Vec<Timer>,
     next_room_life: u64,
     next_connection_number: u64,
+    /// What `next_connection_number` grows by (the loop count).
+    connection_number_step: u64,
     occupied_rooms: usize,
     open_sessions: usize,
     dirty: Vec<ConnId>,
@@ -216,6 +218,7 @@ impl Hub {
             due: Vec::new(),
             next_room_life: 0,
             next_connection_number: 0,
+            connection_number_step: 1,
             occupied_rooms: 0,
             open_sessions: 0,
             dirty: Vec::new(),
@@ -252,9 +255,22 @@ impl Hub {
         self.backplane.reachable()
     }
 
+    /// Occupied rooms as the backplane counts them, where that differs from
+    /// the rooms with members here (N loops: each room counted by its home).
+    pub fn backplane_occupied_rooms(&self) -> Option<usize> {
+        self.backplane.occupied_rooms()
+    }
+
     /// A graceful stop: the backplane stops counting this node.
     pub fn shutdown_backplane(&mut self) {
         self.backplane.shutdown();
+    }
+
+    /// With N loops: this hub numbers its connections `first`, `first +
+    /// step`, … so that connection ids are unique in the process.
+    pub fn number_connections(&mut self, first: u64, step: u64) {
+        self.next_connection_number = first;
+        self.connection_number_step = step.max(1);
     }
 
     /// Counters for logs, `/metrics` and `/api/stats`.
@@ -297,7 +313,7 @@ impl Hub {
         join: Option<&str>,
         now: Millis,
     ) {
-        self.next_connection_number += 1;
+        self.next_connection_number += self.connection_number_step;
         let connection_id = format!("c{:x}", self.next_connection_number).into_boxed_str();
         let user_json: Rc<str> = protocol::user_json(&identity.user_id, &identity.name).into();
         let serial = self.next_connection_number;
@@ -336,12 +352,13 @@ impl Hub {
         {
             self.reply(conn, error_frame(None, refusal.code, &refusal.message));
         }
+        self.apply_effects(now);
         self.settle(now);
     }
 
     /// An `/echo` connection: it only needs an outbound queue.
     pub fn connect_echo(&mut self, conn: ConnId, now: Millis) {
-        self.next_connection_number += 1;
+        self.next_connection_number += self.connection_number_step;
         let serial = self.next_connection_number;
         self.schedule_heartbeat(conn, serial, now);
         let rate = RateBucket::full(self.config.rate_burst, now);
@@ -412,6 +429,7 @@ impl Hub {
     /// `release`, so a close frame can still be flushed. Idempotent.
     pub fn disconnect(&mut self, conn: ConnId, now: Millis) {
         self.detach(conn, now);
+        self.apply_effects(now);
         self.settle(now);
     }
 

@@ -16,7 +16,7 @@ impl Hub {
         let Some(session) = self.session(conn) else {
             return;
         };
-        if session.closing {
+        if session.closing || session.close_after_replies.is_some() {
             return;
         }
         self.metrics.messages_received += 1;
@@ -37,6 +37,9 @@ impl Hub {
                 self.reply(conn, error_frame(error.id, error.code, &error.message));
             }
         }
+        // What the backplane decided for this request (a local delivery it
+        // reports as an effect) lands before the next event.
+        self.apply_effects(now);
         self.settle(now);
     }
 

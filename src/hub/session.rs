@@ -105,6 +105,8 @@ pub(super) struct Session {
     pub(super) lagged: Vec<LaggedSpan>,
     /// Replies in request order while some wait for the backplane.
     pub(super) replies: VecDeque<Slot>,
+    /// A close decided while replies still waited: it happens once they are out.
+    pub(super) close_after_replies: Option<(u16, &'static str)>,
 }
 
 impl Session {
@@ -132,6 +134,7 @@ impl Session {
             rate,
             lagged: Vec::new(),
             replies: VecDeque::new(),
+            close_after_replies: None,
         }
     }
 

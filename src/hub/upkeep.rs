@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use slab::Slab;
 
-use super::session::Session;
+use super::session::{Session, Slot};
 use super::{CloseRequest, ConnId, Hub, Millis, PING_FRAME, Room, RoomId, Timer, frames};
 use crate::backplane::{LocalView, UsersHere};
 
@@ -143,6 +143,20 @@ impl Hub {
     /// Decides to close a connection: it leaves its rooms now and the shell
     /// sends the close frame.
     pub(super) fn close(&mut self, conn: ConnId, code: u16, reason: &'static str, now: Millis) {
+        // Answers the backplane still owes (acks of messages it accepted)
+        // go out before the close: the close waits for them, taking no more
+        // requests meanwhile. Only a live session waits; one over its hard
+        // mark is gone already.
+        if let Some(session) = self.session_mut(conn)
+            && !session.closing
+            && session
+                .replies
+                .iter()
+                .any(|slot| matches!(slot, Slot::Waiting(_)))
+        {
+            session.close_after_replies = Some((code, reason));
+            return;
+        }
         self.closes.push(CloseRequest { conn, code, reason });
         self.detach(conn, now);
     }

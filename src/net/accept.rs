@@ -12,11 +12,12 @@ use std::io;
 use std::net::SocketAddr;
 
 use log::{debug, info, warn};
-use mio::net::TcpListener;
+use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Token};
 
 use super::connection::{Connection, Phase};
-use super::server::{Server, ServerTimer};
+use super::peers::LoopMail;
+use super::server::{EventLoop, ServerTimer};
 use crate::hub::Millis;
 use crate::outbound::OutboundQueue;
 
@@ -111,7 +112,7 @@ impl AcceptPause {
     }
 }
 
-impl Server {
+impl EventLoop {
     pub(super) fn accept(&mut self, now: Millis) {
         if self.accept_pause.is_paused(now) {
             return;
@@ -121,36 +122,17 @@ impl Server {
                 return;
             };
             match listener.accept() {
-                Ok((mut socket, peer)) => {
+                Ok((socket, peer)) => {
                     self.accepting_works(now);
-                    let _ = socket.set_nodelay(true);
-                    let entry = self.connections.vacant_entry();
-                    let key = entry.key();
-                    if let Err(error) = self.poll.registry().register(
-                        &mut socket,
-                        Token(key),
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
-                        warn!("cannot register connection from {peer}: {error}");
-                        continue;
+                    // Round-robin over the loops: each gets every N-th
+                    // connection, whatever the 4-tuples hash to.
+                    let target = self.next_target % self.loop_count().max(1);
+                    self.next_target = self.next_target.wrapping_add(1);
+                    if target == self.index {
+                        self.adopt(socket, peer, now);
+                    } else {
+                        self.mail(target, LoopMail::Adopt(socket, peer));
                     }
-                    let deadline = now.saturating_add(self.args.handshake_timeout_ms);
-                    self.next_serial += 1;
-                    entry.insert(Connection {
-                        serial: self.next_serial,
-                        awaiting_api: None,
-                        read_again_queued: false,
-                        socket,
-                        phase: Phase::Http {
-                            head: Vec::new(),
-                            response: OutboundQueue::new(),
-                        },
-                        close_when_flushed: false,
-                        deadline: Some(deadline),
-                        freeing: false,
-                        peer,
-                    });
-                    self.timers.schedule(deadline, ServerTimer::Deadline(key));
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                     self.accepting_works(now);
@@ -175,6 +157,40 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// Starts serving an accepted connection on this loop: registered for
+    /// both readiness kinds, its request head due within the handshake timeout.
+    pub(super) fn adopt(&mut self, mut socket: TcpStream, peer: SocketAddr, now: Millis) {
+        let _ = socket.set_nodelay(true);
+        let entry = self.connections.vacant_entry();
+        let key = entry.key();
+        if let Err(error) = self.poll.registry().register(
+            &mut socket,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            warn!("cannot register connection from {peer}: {error}");
+            return;
+        }
+        let deadline = now.saturating_add(self.args.handshake_timeout_ms);
+        self.next_serial += 1;
+        entry.insert(Connection {
+            serial: self.next_serial,
+            awaiting_api: None,
+            read_again_queued: false,
+            socket,
+            phase: Phase::Http {
+                head: Vec::new(),
+                response: OutboundQueue::new(),
+            },
+            close_when_flushed: false,
+            deadline: Some(deadline),
+            freeing: false,
+            counted: false,
+            peer,
+        });
+        self.timers.schedule(deadline, ServerTimer::Deadline(key));
     }
 
     /// Logs the end of an accept outage, once.

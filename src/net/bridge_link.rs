@@ -3,14 +3,15 @@
 
 use std::time::{Duration, Instant};
 
-use super::server::Server;
+use super::server::EventLoop;
 use crate::backplane::redis::RedisBackplane;
 use crate::backplane::redis::bridge::Wake;
 use crate::backplane::redis::commands::{Event, Outgoing};
 use crate::hub::Millis;
 
-/// The bridge threads wake the loop through its poll's waker.
-impl Wake for mio::Waker {
+/// The bridge threads wake the loop through its poll's one waker, the one
+/// the other loops' mail uses too.
+impl Wake for std::sync::Arc<mio::Waker> {
     fn wake(&self) {
         // A failed wake leaves the events for the next poll, at most a
         // poll timeout later: nothing is lost.
@@ -24,7 +25,7 @@ const MAX_BRIDGE_EVENTS: usize = 8192;
 /// How long a shutdown waits for the bridge to take the node out of presence.
 const BRIDGE_STOP_WAIT: Duration = Duration::from_millis(400);
 
-impl Server {
+impl EventLoop {
     /// Handles what the bridge threads reported.
     pub(super) fn drain_bridge(&mut self, now: Millis) {
         let Some(bridge) = &self.bridge else {

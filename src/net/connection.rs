@@ -53,7 +53,9 @@ pub(super) struct Connection {
     pub(super) serial: u64,
     /// An API request waits for Redis (`Some(keep_alive)`); later requests wait behind it.
     pub(super) awaiting_api: Option<bool>,
-    /// Its read turn was used up and it waits in `Server::read_again`.
+    /// It holds one of `--max-connections` slots (an upgraded WebSocket).
+    pub(super) counted: bool,
+    /// Its read turn was used up and it waits in `EventLoop::read_again`.
     pub(super) read_again_queued: bool,
 }
 

@@ -6,10 +6,10 @@ use std::net::Shutdown;
 use log::debug;
 
 use super::connection::{CLOSE_LINGER_MS, Phase};
-use super::server::{Server, ServerTimer, now_ms};
+use super::server::{EventLoop, ServerTimer, now_ms};
 use crate::hub::{ConnId, Millis};
 
-impl Server {
+impl EventLoop {
     /// Writes every connection that has queued bytes, once each.
     pub(super) fn flush_dirty(&mut self, dirty: &mut Vec<ConnId>, now: Millis) {
         self.hub.take_dirty(dirty);
@@ -72,6 +72,10 @@ impl Server {
         };
         let _ = connection.socket.shutdown(Shutdown::Write);
         connection.phase = Phase::Lingering;
+        // The session is over: its `--max-connections` slot is free again.
+        if std::mem::take(&mut connection.counted) {
+            self.shared.release_connection();
+        }
         if connection.deadline.is_none() {
             let deadline = now_ms() + CLOSE_LINGER_MS;
             connection.deadline = Some(deadline);

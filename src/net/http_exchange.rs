@@ -2,13 +2,14 @@
 //! (health, page, metrics, the server API, tokens) and switching to WebSocket.
 
 use std::io::{self, Read};
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use log::debug;
 use tungstenite::protocol::{Role, WebSocketContext};
 
 use super::connection::Phase;
-use super::server::{DEMO_TOKEN_TTL_SECS, Server, ServerTimer};
+use super::server::{DEMO_TOKEN_TTL_SECS, EventLoop, ServerTimer};
 use crate::assets;
 use crate::auth::{self, Identity, TokenClaims};
 use crate::http::{self, Decision, Endpoint, HttpRoute, Policy, RejectReason};
@@ -17,7 +18,7 @@ use crate::outbound::OutboundQueue;
 
 const JSON: &str = "application/json";
 
-impl Server {
+impl EventLoop {
     /// Reads request bytes, and answers every complete request in them: a
     /// plain HTTP connection may carry several (keep-alive), an upgrade ends it.
     pub(super) fn read_http(&mut self, key: usize, now: Millis) {
@@ -92,7 +93,7 @@ impl Server {
             verifier: &self.verifier,
             allowed_origins: &self.args.allowed_origin,
             max_connections: self.args.max_connections,
-            open_connections: self.hub.connection_count(),
+            open_connections: self.shared.connections.load(Ordering::Relaxed),
             echo_enabled: self.args.echo,
             demo_mode: self.demo_secret.is_some(),
             now_secs: now / 1000,
@@ -192,9 +193,19 @@ impl Server {
         head_len: usize,
         now: Millis,
     ) {
+        // `--max-connections` counts the process (§12): the slot is taken
+        // here, so two loops upgrading at once cannot both take the last one.
+        if !self.shared.reserve_connection(self.args.max_connections) {
+            self.hub.metrics_mut().reject(RejectReason::Capacity);
+            let refusal = http::refusal(RejectReason::Capacity);
+            self.answer_http(key, Bytes::from(refusal), false, 0, now);
+            return;
+        }
         let Some(connection) = self.connections.get_mut(key) else {
+            self.shared.release_connection();
             return;
         };
+        connection.counted = true;
         let Phase::Http { head, .. } = &mut connection.phase else {
             return;
         };
@@ -279,6 +290,11 @@ impl Server {
                 &[("Cache-Control", "no-cache")],
                 keep_alive,
             ),
+            // With N loops the counters are summed over every loop first.
+            HttpRoute::Metrics | HttpRoute::Stats if self.loop_count() > 1 => {
+                self.gather_stats(serial, route == HttpRoute::Metrics, keep_alive);
+                return None;
+            }
             HttpRoute::Metrics => {
                 let text = self.hub.metrics().prometheus(self.gauges());
                 respond(
@@ -412,6 +428,23 @@ impl Server {
             }
         }
         self.api_answers = answers;
+        for (serial, response) in std::mem::take(&mut self.plain_answers) {
+            let Some(key) = self.api_waiting.remove(&serial) else {
+                continue;
+            };
+            let Some(keep_alive) = self
+                .connections
+                .get_mut(key)
+                .filter(|c| c.serial == serial && !c.freeing)
+                .and_then(|c| c.awaiting_api.take())
+            else {
+                continue;
+            };
+            self.answer_http(key, Bytes::from(response), keep_alive, 0, now);
+            if keep_alive {
+                while self.answer_next_request(key, now) {}
+            }
+        }
     }
 
     /// Queues an HTTP answer. With `keep_alive`, the answered request's

@@ -4,11 +4,11 @@
 use log::debug;
 
 use super::connection::Phase;
-use super::server::{Server, ServerTimer};
+use super::server::{EventLoop, ServerTimer};
 use crate::http::RejectReason;
 use crate::hub::Millis;
 
-impl Server {
+impl EventLoop {
     pub(super) fn run_deadlines(&mut self, now: Millis) {
         let mut due = std::mem::take(&mut self.due);
         self.timers.take_due(now, &mut due);
@@ -60,6 +60,9 @@ impl Server {
         for key in self.to_free.drain(..) {
             if let Some(mut connection) = self.connections.try_remove(key) {
                 let _ = self.poll.registry().deregister(&mut connection.socket);
+                if connection.counted {
+                    self.shared.release_connection();
+                }
                 self.hub.release(key, now);
                 debug!("connection {key} ({}): freed", connection.peer);
             }

@@ -1,59 +1,120 @@
-//! `--state-file` on the loop: restoring at start, periodic snapshots handed
-//! to the writer thread, and the clean save at exit.
+//! `--state-file` for the process: the rooms loaded at start and handed to
+//! the loops, each loop's rooms collected into periodic snapshots (written
+//! off the loops by the writer thread), and the clean save once every loop
+//! has stopped.
+
+use std::path::{Path, PathBuf};
+use std::sync::PoisonError;
 
 use log::{error, info, warn};
 
-use super::server::{Server, ServerTimer, now_ms};
-use crate::hub::{Hub, Millis};
-use crate::state;
+use super::server::{EventLoop, ServerTimer, now_ms};
+use crate::hub::Millis;
+use crate::state::{self, RoomSnapshot};
 
-impl Server {
-    /// Hands the rooms to the `--state-file` writer thread if they changed
-    /// since the last snapshot, so a crash loses at most one interval of
-    /// history; the loop only collects them, the thread writes.
-    pub(super) fn snapshot_state(&mut self, now: Millis) {
-        let Some(snapshots) = &mut self.snapshots else {
-            return;
+/// Every loop's rooms as it last gave them, and the writer thread.
+pub struct Keeper {
+    path: PathBuf,
+    /// By loop index.
+    rooms: Vec<Vec<RoomSnapshot>>,
+    /// Bumped whenever a loop gives its rooms: the snapshot's change count.
+    version: u64,
+    snapshots: Option<state::Snapshots>,
+}
+
+impl Keeper {
+    /// A keeper for `loops` loops writing to `path` (its writer thread
+    /// started; without it the rooms are saved only at exit).
+    pub fn start(path: &Path, loops: usize) -> Keeper {
+        let snapshots = match state::Snapshots::start(path.to_path_buf(), 0) {
+            Ok(snapshots) => Some(snapshots),
+            Err(error) => {
+                error!(
+                    "cannot start the state snapshot thread: {error}; the rooms are saved only on shutdown"
+                );
+                None
+            }
         };
-        let hub = &self.hub;
-        snapshots.offer(hub.room_changes(), || hub.export_rooms());
+        Keeper {
+            path: path.to_path_buf(),
+            rooms: vec![Vec::new(); loops],
+            version: 0,
+            snapshots,
+        }
+    }
+
+    /// Loop `index`'s rooms now; with `snapshot`, every loop's rooms go to
+    /// the writer thread.
+    pub fn give(&mut self, index: usize, rooms: Vec<RoomSnapshot>, snapshot: bool) {
+        if let Some(slot) = self.rooms.get_mut(index) {
+            *slot = rooms;
+        }
+        self.version += 1;
+        if snapshot && let Some(snapshots) = self.snapshots.as_mut() {
+            let all = &self.rooms;
+            snapshots.offer(self.version, || all.iter().flatten().cloned().collect());
+        }
+    }
+
+    /// Every loop has stopped and given its rooms: waits for a periodic write
+    /// still running (or it would replace this one), then saves them marked
+    /// clean, so the next start keeps their epochs.
+    pub fn save_clean(mut self) {
+        if let Some(snapshots) = self.snapshots.take() {
+            snapshots.finish();
+        }
+        let rooms: Vec<RoomSnapshot> = self.rooms.into_iter().flatten().collect();
+        match state::save(&self.path, &rooms, state::Mark::CleanShutdown) {
+            Ok(()) => info!("saved {} room(s) to {}", rooms.len(), self.path.display()),
+            Err(error) => error!("cannot save state to {}: {error}", self.path.display()),
+        }
+    }
+}
+
+impl EventLoop {
+    /// Gives the keeper this loop's rooms if they changed since it last
+    /// did, for a snapshot; a crash loses at most one interval of history.
+    /// The loop only collects them, the writer thread writes.
+    pub(super) fn snapshot_state(&mut self, now: Millis) {
+        self.give_rooms(true);
         self.timers.schedule(
             now + state::SNAPSHOT_INTERVAL_MS,
             ServerTimer::StateSnapshot,
         );
     }
 
-    /// Writes `--state-file`, if given, after the drain, marked clean: the
-    /// next start keeps the rooms' epochs.
-    pub(super) fn save_state(&mut self) {
-        let Some(path) = &self.args.state_file else {
+    /// At exit: this loop's rooms for the clean save.
+    pub(super) fn deposit_state(&mut self) {
+        self.give_rooms(false);
+    }
+
+    fn give_rooms(&mut self, snapshot: bool) {
+        let Some(keeper) = &self.shared.keeper else {
             return;
         };
-        if self.bridge.is_some() {
+        let changes = self.hub.room_changes();
+        if self.deposited_changes == Some(changes) {
             return;
         }
-        // A periodic write still running must land first, or its older,
-        // unclean snapshot would replace this one.
-        if let Some(snapshots) = self.snapshots.take() {
-            snapshots.finish();
-        }
+        self.deposited_changes = Some(changes);
         let rooms = self.hub.export_rooms();
-        match state::save(path, &rooms, state::Mark::CleanShutdown) {
-            Ok(()) => info!("saved {} room(s) to {}", rooms.len(), path.display()),
-            Err(error) => error!("cannot save state to {}: {error}", path.display()),
-        }
+        let mut keeper = keeper.lock().unwrap_or_else(PoisonError::into_inner);
+        keeper.give(self.index, rooms, snapshot);
     }
 }
 
-/// Loads `--state-file` into the hub (a bad file is set aside and the server
-/// starts fresh), marks the file unclean for as long as the run lasts, and
-/// starts the periodic writes. Never fails the start.
-pub(super) fn restore_state(hub: &mut Hub, path: &std::path::Path) -> Option<state::Snapshots> {
+/// Loads `--state-file` (a bad file is set aside and the server starts
+/// fresh) and marks it unclean for as long as the run lasts. Never fails
+/// the start.
+pub(super) fn load_state(path: &Path) -> Vec<RoomSnapshot> {
     let now = now_ms();
     let new_epoch = || crate::hub::random_epoch().into_string();
     let (loaded, marked) = state::open_for_run(path, now / 1000, new_epoch);
-    match loaded {
-        state::Loaded::Fresh => info!("no state file at {}; starting fresh", path.display()),
+    let rooms = match loaded {
+        state::Loaded::Fresh => {
+            info!("no state file at {}; starting fresh", path.display());
+            Vec::new()
+        }
         state::Loaded::Rooms { rooms, clean } => {
             info!("loaded {} room(s) from {}", rooms.len(), path.display());
             if !clean {
@@ -63,29 +124,24 @@ pub(super) fn restore_state(hub: &mut Hub, path: &std::path::Path) -> Option<sta
                     rooms.len()
                 );
             }
-            hub.import_rooms(rooms, now);
+            rooms
         }
-        state::Loaded::SetAside { error, moved_to } => match moved_to {
-            Some(aside) => warn!(
-                "{error}; moved it to {} and starting fresh",
-                aside.display()
-            ),
-            None => warn!("{error}; could not move it aside, starting fresh"),
-        },
-    }
+        state::Loaded::SetAside { error, moved_to } => {
+            match moved_to {
+                Some(aside) => warn!(
+                    "{error}; moved it to {} and starting fresh",
+                    aside.display()
+                ),
+                None => warn!("{error}; could not move it aside, starting fresh"),
+            }
+            Vec::new()
+        }
+    };
     if let Err(error) = marked {
         error!(
             "cannot mark state file {} as in use: {error}; a crash would go unnoticed at the next start",
             path.display()
         );
     }
-    match state::Snapshots::start(path.to_path_buf(), hub.room_changes()) {
-        Ok(snapshots) => Some(snapshots),
-        Err(error) => {
-            error!(
-                "cannot start the state snapshot thread: {error}; the rooms are saved only on shutdown"
-            );
-            None
-        }
-    }
+    rooms
 }

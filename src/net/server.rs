@@ -1,41 +1,42 @@
-//! Starting the server and the event loop itself.
+//! One event loop: its state and the loop itself.
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use log::{error, info, warn};
+use log::{error, info};
 use mio::net::TcpListener;
-use mio::{Events, Interest, Poll, Token};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use mio::{Events, Poll, Token};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use tungstenite::protocol::WebSocketConfig;
 
-use super::accept::{AcceptPause, listen};
+use super::accept::AcceptPause;
 use super::connection::{Connection, SharedInput};
-use super::persistence::restore_state;
-use crate::auth::{self, TokenClaims, Verifier};
-use crate::backplane::redis::RedisBackplane;
+use super::peers::{LoopMail, Shared, StatsGather};
+use crate::auth::Verifier;
 use crate::backplane::redis::bridge::Bridge;
-use crate::backplane::redis::commands::{self, Outgoing};
+use crate::backplane::redis::commands::Outgoing;
 use crate::config::ServerArgs;
-use crate::hub::{ApiAnswer, Hub, HubConfig, Millis};
+use crate::hub::{ApiAnswer, Hub, Millis};
 use crate::metrics::Gauges;
-use crate::outbound::{Marks, Staging};
+use crate::outbound::Staging;
 use crate::state;
 use crate::timers::Deadlines;
 
 pub(super) const LISTENER: Token = Token(usize::MAX - 1);
 pub(super) const SIGNALS: Token = Token(usize::MAX - 2);
-/// The Redis bridge threads' waker (`--redis`).
-pub(super) const BRIDGE: Token = Token(usize::MAX - 3);
+/// Mail from the other loops, and the Redis bridge's events (`--redis`).
+pub(super) const INBOX: Token = Token(usize::MAX - 3);
 
 /// tungstenite's own buffer per connection. Its 128 KiB default would be
 /// allocated (and zeroed) per connection; the socket is read into the loop's
 /// shared buffer instead, and tungstenite copies from there in steps of this
 /// size. Larger messages still arrive: the codec reserves a frame's full length.
-const CODEC_BUFFER_SIZE: usize = 256;
+pub(super) const CODEC_BUFFER_SIZE: usize = 256;
 
 /// How often the loop logs a one-line summary.
 const SUMMARY_INTERVAL_MS: Millis = 60_000;
@@ -69,18 +70,35 @@ pub(super) fn now_ms() -> Millis {
         .map_or(0, |d| d.as_millis() as Millis)
 }
 
-/// A bound, not yet running server.
-pub struct Server {
+/// One event loop: its poll, its sockets and the hub of their sessions.
+/// Loop 0 also accepts (handing connections round-robin to every loop) and
+/// takes the signals.
+pub struct EventLoop {
+    /// This loop's index among the process's loops.
+    pub(super) index: usize,
     pub(super) poll: Poll,
     pub(super) listener: Option<TcpListener>,
-    pub(super) signals: Signals,
+    pub(super) signals: Option<Signals>,
+    /// What the loops share: the connection count, the room homes, the
+    /// other loops' mailboxes, the state file's keeper.
+    pub(super) shared: Arc<Shared>,
+    /// Mail from the other loops.
+    pub(super) inbox: Receiver<Vec<LoopMail>>,
+    /// Mail for the other loops, sent at the end of each iteration with one
+    /// wake per loop (index: the destination).
+    pub(super) outbox: Vec<Vec<LoopMail>>,
+    /// The loop the next accepted connection goes to.
+    pub(super) next_target: usize,
+    /// `/metrics` and `/api/stats` waiting for the other loops' figures.
+    pub(super) stats_gathers: std::collections::HashMap<u64, StatsGather>,
+    /// Plain answers that came later (gathered stats), by the connection's serial.
+    pub(super) plain_answers: Vec<(u64, Vec<u8>)>,
     pub(super) connections: Slab<Connection>,
     pub(super) hub: Hub,
     pub(super) verifier: Verifier,
     /// The secret, kept only in demo mode to mint `/demo/token` answers.
     pub(super) demo_secret: Option<String>,
     pub(super) args: ServerArgs,
-    pub(super) local_address: SocketAddr,
     pub(super) websocket_config: WebSocketConfig,
     /// Connection deadlines and drain closes; checked against the connection when they fire.
     pub(super) timers: Deadlines<ServerTimer>,
@@ -89,7 +107,8 @@ pub struct Server {
     pub(super) input: SharedInput,
     /// The write-side counterpart: small queued frames are gathered here.
     pub(super) staging: Staging,
-    /// Connections whose HTTP answer waits to be written.
+    /// Connections to write at the end of the batch: an HTTP answer waits,
+    /// or the socket became writable.
     pub(super) http_dirty: Vec<usize>,
     /// Connections to read again at the next iteration, their turn having
     /// ended before their socket ran dry: key, serial, `trust_short_reads`.
@@ -111,8 +130,8 @@ pub struct Server {
     /// Connections with an API request waiting for Redis, by serial.
     pub(super) api_waiting: std::collections::HashMap<u64, usize>,
     pub(super) next_serial: u64,
-    /// With `--state-file` (and no `--redis`): the periodic writes of the rooms.
-    pub(super) snapshots: Option<state::Snapshots>,
+    /// The hub's `room_changes` when this loop last gave the state keeper its rooms.
+    pub(super) deposited_changes: Option<u64>,
 }
 
 /// What a server timer is for.
@@ -126,128 +145,16 @@ pub(super) enum ServerTimer {
     StateSnapshot,
 }
 
-impl Server {
-    /// Binds the listener and prepares the loop; `run` starts serving.
-    pub fn bind(args: ServerArgs) -> Result<Self, ServerError> {
-        let (secret, demo_secret) = match &args.jwt_secret {
-            Some(secret) => (secret.clone(), None),
-            None => {
-                let secret = auth::random_secret();
-                (secret.clone(), Some(secret))
-            }
-        };
-        let verifier = Verifier::new(secret.as_bytes());
-        let poll = Poll::new()?;
-        let mut listener = listen(args.listen).map_err(|source| ServerError::Bind {
-            address: args.listen,
-            source,
-        })?;
-        let local_address = listener.local_addr()?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
-        let mut signals = Signals::new([SIGINT, SIGTERM])?;
-        poll.registry()
-            .register(&mut signals, SIGNALS, Interest::READABLE)?;
-        let max_message = args.max_message_bytes();
-        let websocket_config = WebSocketConfig::default()
-            .read_buffer_size(CODEC_BUFFER_SIZE)
-            .write_buffer_size(0)
-            .max_message_size(Some(max_message))
-            .max_frame_size(Some(max_message));
-        let config = HubConfig {
-            history: args.history,
-            max_rooms_per_connection: args.max_rooms_per_connection,
-            typing_timeout_ms: args.typing_timeout_ms,
-            heartbeat_ms: args.heartbeat_ms,
-            pong_timeout_ms: args.pong_timeout_ms,
-            rate_limit: args.rate_limit,
-            rate_burst: args.rate_burst,
-            marks: Marks {
-                soft: args.write_buffer_soft,
-                hard: args.write_buffer_hard,
-            },
-            verifier: verifier.clone(),
-        };
-        // The one place that picks the backplane: everything above it is the same.
-        let (mut hub, bridge) = match &args.redis {
-            Some(url) => {
-                if args.state_file.is_some() {
-                    warn!("--state-file is ignored with --redis: Redis holds the rooms");
-                }
-                let waker = mio::Waker::new(poll.registry(), BRIDGE)?;
-                let process = commands::random_id();
-                let bridge = Bridge::start(url, args.history, process.clone(), Box::new(waker))
-                    .map_err(|error| ServerError::Redis(error.to_string()))?;
-                let backplane = RedisBackplane::new(process, now_ms());
-                (
-                    Hub::with_backplane(config, Box::new(backplane)),
-                    Some(bridge),
-                )
-            }
-            None => (Hub::new(config), None),
-        };
-        let snapshots = match (&args.state_file, &bridge) {
-            (Some(path), None) => restore_state(&mut hub, path),
-            _ => None,
-        };
-        Ok(Server {
-            poll,
-            listener: Some(listener),
-            signals,
-            connections: Slab::new(),
-            hub,
-            verifier,
-            demo_secret,
-            args,
-            local_address,
-            websocket_config,
-            input: SharedInput::new(),
-            staging: Staging::new(),
-            timers: Deadlines::new(),
-            due: Vec::new(),
-            accept_pause: AcceptPause::default(),
-            http_dirty: Vec::new(),
-            read_again: Vec::new(),
-            reading_again: Vec::new(),
-            to_free: Vec::new(),
-            shutting_down: None,
-            bridge,
-            bridge_backlog: false,
-            outgoing: Vec::new(),
-            api_answers: Vec::new(),
-            api_waiting: std::collections::HashMap::new(),
-            next_serial: 0,
-            snapshots,
-        })
-    }
-
-    /// The address actually bound (useful with port 0).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_address
-    }
-
-    /// In demo mode, a ready token for a guest, for the start-up banner.
-    pub fn demo_token(&self, name: &str) -> Option<String> {
-        let secret = self.demo_secret.as_ref()?;
-        Some(auth::sign(
-            secret.as_bytes(),
-            &TokenClaims {
-                sub: name.to_string(),
-                name: Some(name.to_string()),
-                expires_at: Some(now_ms() / 1000 + DEMO_TOKEN_TTL_SECS),
-                rooms: None,
-            },
-        ))
-    }
-
-    /// Serves until SIGINT or SIGTERM, then closes every client with 1001 and returns.
-    pub fn run(mut self) -> Result<(), ServerError> {
+impl EventLoop {
+    /// Serves until SIGINT or SIGTERM (or loop 0's word that one came), then
+    /// closes every client with 1001 and returns.
+    pub(super) fn run(mut self) -> Result<(), ServerError> {
         let mut events = Events::with_capacity(1024);
         let mut dirty = Vec::new();
         let mut closes = Vec::new();
         let mut next_summary = now_ms() + SUMMARY_INTERVAL_MS;
         let mut last_summary = self.hub.metrics().clone();
-        if self.snapshots.is_some() {
+        if self.shared.keeper.is_some() {
             self.timers.schedule(
                 now_ms() + state::SNAPSHOT_INTERVAL_MS,
                 ServerTimer::StateSnapshot,
@@ -269,14 +176,21 @@ impl Server {
                 match event.token() {
                     LISTENER => self.accept(now),
                     SIGNALS => self.on_signal(now),
-                    BRIDGE => self.drain_bridge(now),
+                    // The bridge and the other loops share the poll's one waker.
+                    INBOX => {
+                        self.drain_inbox(now);
+                        self.drain_bridge(now);
+                    }
                     Token(key) => {
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
                             let peer_may_have_closed = event.is_read_closed() || event.is_error();
                             self.on_readable(key, !peer_may_have_closed, now);
                         }
                         if event.is_writable() {
-                            self.flush_connection(key, now);
+                            // Written at the end of the batch, after the mail
+                            // to other loops: a reply must not overtake what
+                            // its request told them (a leave before its close).
+                            self.http_dirty.push(key);
                         }
                     }
                 }
@@ -294,6 +208,7 @@ impl Server {
             self.answer_api(now);
             self.apply_hub_closes(&mut closes, now);
             self.send_to_bridge();
+            self.send_to_loops();
             self.flush_dirty(&mut dirty, now);
             self.free_finished(now);
             let iteration = iteration_started.elapsed().as_nanos();
@@ -313,7 +228,7 @@ impl Server {
                     "shut down; {} connection(s) still open were dropped",
                     self.connections.len()
                 );
-                self.save_state();
+                self.deposit_state();
                 self.stop_bridge();
                 return Ok(());
             }
@@ -345,11 +260,19 @@ impl Server {
         Duration::from_millis(wake.saturating_sub(now))
     }
 
+    /// This loop's figures for `/metrics`: process-wide connections, and the
+    /// rooms this loop knows to be occupied (with N loops, those whose
+    /// authority it holds; summed over the loops when answering).
     pub(super) fn gauges(&self) -> Gauges {
+        let rooms = self
+            .hub
+            .backplane_occupied_rooms()
+            .unwrap_or_else(|| self.hub.occupied_room_count());
         Gauges {
-            connections: self.hub.connection_count(),
-            rooms: self.hub.occupied_room_count(),
+            connections: self.shared.connections.load(Ordering::Relaxed),
+            rooms,
             redis_up: self.hub.backplane_reachable(),
+            threads: self.shared.peers.len(),
         }
     }
 

@@ -5,26 +5,45 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use super::connection::Phase;
-use super::server::{Server, ServerTimer};
+use super::peers::LoopMail;
+use super::server::{EventLoop, ServerTimer};
 use crate::hub::Millis;
 
 /// The most a shutdown waits for clients to take their close frames.
 pub(super) const SHUTDOWN_FLUSH_MS: Millis = 1500;
 
-impl Server {
-    /// SIGINT/SIGTERM: stop accepting, then close every client with 1001,
-    /// one after another in random order spread evenly over `--drain-ms`, so
-    /// that they do not all reconnect at once (§8, §11).
+impl EventLoop {
+    /// SIGINT/SIGTERM (taken by loop 0): every loop drains over the same
+    /// window, which starts now.
     pub(super) fn on_signal(&mut self, now: Millis) {
+        let Some(signals) = self.signals.as_mut() else {
+            return;
+        };
         let mut stop = false;
-        for signal in self.signals.pending() {
+        for signal in signals.pending() {
             stop |= signal == SIGINT || signal == SIGTERM;
         }
         if !stop || self.shutting_down.is_some() {
             return;
         }
+        let me = self.index;
+        for to in (0..self.loop_count()).filter(|&to| to != me) {
+            self.mail(to, LoopMail::Drain { started: now });
+        }
+        self.begin_drain(now, now);
+    }
+
+    /// Stops accepting, then closes every client of this loop with 1001,
+    /// one after another in random order spread evenly over the `--drain-ms`
+    /// window that began at `started`, so that they do not all reconnect at
+    /// once (§8, §11, §12: all loops share the window).
+    pub(super) fn begin_drain(&mut self, started: Millis, now: Millis) {
+        if self.shutting_down.is_some() {
+            return;
+        }
         info!(
-            "signal received: draining {} connection(s) over {} ms",
+            "loop {}: draining {} connection(s) over {} ms",
+            self.index,
             self.hub.connection_count(),
             self.args.drain_ms
         );
@@ -32,7 +51,7 @@ impl Server {
             let _ = self.poll.registry().deregister(&mut listener);
         }
         let drain_ms = self.args.drain_ms;
-        self.shutting_down = Some(now + drain_ms + SHUTDOWN_FLUSH_MS);
+        self.shutting_down = Some(started + drain_ms + SHUTDOWN_FLUSH_MS);
         let mut websockets = Vec::new();
         let keys: Vec<usize> = self.connections.iter().map(|(key, _)| key).collect();
         for key in keys {
@@ -48,7 +67,7 @@ impl Server {
         shuffle(&mut websockets);
         let count = websockets.len() as u64;
         for (index, key) in websockets.into_iter().enumerate() {
-            let at = now + (index as u64).saturating_mul(drain_ms) / count.max(1);
+            let at = started + (index as u64).saturating_mul(drain_ms) / count.max(1);
             if at <= now {
                 self.drain_close(key, now);
             } else {

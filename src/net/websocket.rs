@@ -9,11 +9,11 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, Utf8Bytes};
 
 use super::connection::{CLOSE_LINGER_MS, Phase, QueueStream};
-use super::server::{Server, ServerTimer};
+use super::server::{EventLoop, ServerTimer};
 use crate::hub::{CloseRequest, Millis};
 use crate::ws::close::{self, ReadFailure};
 
-impl Server {
+impl EventLoop {
     /// `trust_short_reads`: see [`SharedInput::trust_short_reads`].
     pub(super) fn on_readable(&mut self, key: usize, trust_short_reads: bool, now: Millis) {
         let Some(connection) = self.connections.get(key) else {

@@ -34,8 +34,23 @@ impl TestServer {
         Self::start_raw(&args)
     }
 
-    /// Starts the server with exactly these flags (plus `--listen 127.0.0.1:0`).
+    /// Starts the server with these flags (plus `--listen 127.0.0.1:0`, and
+    /// [`threads_args`] unless they name `--threads` themselves).
     pub fn start_raw(extra: &[&str]) -> Self {
+        let threads = if names_threads(extra) {
+            Vec::new()
+        } else {
+            threads_args()
+        };
+        let mut args: Vec<&str> = threads.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        Self::start_exact(&args)
+    }
+
+    /// Starts the server with exactly these flags (plus `--listen
+    /// 127.0.0.1:0`): no `--threads` is added, so without one the server's
+    /// default applies whatever `ROOMCAST_TEST_THREADS` says.
+    pub fn start_exact(extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_roomcast"))
             .args(["--listen", "127.0.0.1:0", "--log-level", "warn"])
             .args(extra)
@@ -160,6 +175,33 @@ impl Drop for TestServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The variable that chooses how many event loops every test server runs.
+pub const THREADS_VAR: &str = "ROOMCAST_TEST_THREADS";
+
+/// `["--threads", N]` when `ROOMCAST_TEST_THREADS=N` is set, so the whole
+/// suite runs against one loop or several (`.ci/run` runs it both ways);
+/// nothing when it is unset or empty, so the server's default applies. Every
+/// place that starts a server passes these; tests that choose `--threads`
+/// themselves do not get a second one.
+pub fn threads_args() -> Vec<String> {
+    match std::env::var(THREADS_VAR) {
+        Ok(value) if !value.trim().is_empty() => {
+            let n: u16 = value
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{THREADS_VAR}={value:?} is not a number of loops"));
+            vec!["--threads".to_string(), n.to_string()]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Whether `args` already choose the number of loops.
+pub fn names_threads(args: &[&str]) -> bool {
+    args.iter()
+        .any(|arg| *arg == "--threads" || arg.starts_with("--threads="))
 }
 
 /// Whether `bytes` hold a whole response (head and `Content-Length` body)

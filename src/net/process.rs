@@ -1,0 +1,364 @@
+//! The process: one listener, N event loops on N threads (`--threads`,
+//! PROTOCOL §12), and what they share.
+//!
+//! Loop 0 accepts and hands every connection, round-robin, to a loop, which
+//! serves it for its whole life; loop 0 also takes the signals and tells the
+//! others to drain. One loop (`--threads 1`) runs exactly as the server
+//! always has: the local backplane, no mail. Several loops share rooms
+//! through the loops backplane; with `--redis`, each loop is a node of the
+//! cluster of its own.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use log::{error, warn};
+use mio::{Interest, Poll};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+use tungstenite::protocol::WebSocketConfig;
+
+use super::accept::{AcceptPause, listen};
+use super::connection::SharedInput;
+use super::peers::{LoopMail, Peer, Shared};
+use super::persistence::{Keeper, load_state};
+use super::server::{
+    CODEC_BUFFER_SIZE, DEMO_TOKEN_TTL_SECS, EventLoop, INBOX, LISTENER, SIGNALS, ServerError,
+    now_ms,
+};
+use crate::auth::{self, TokenClaims, Verifier};
+use crate::backplane::Backplane;
+use crate::backplane::local::LocalBackplane;
+use crate::backplane::loops::{LoopsBackplane, RoomHomes};
+use crate::backplane::redis::RedisBackplane;
+use crate::backplane::redis::bridge::Bridge;
+use crate::backplane::redis::commands;
+use crate::config::ServerArgs;
+use crate::hub::{Hub, HubConfig};
+use crate::outbound::{Marks, Staging};
+use crate::state::RoomSnapshot;
+use crate::timers::Deadlines;
+
+/// A bound, not yet running server.
+pub struct Server {
+    seeds: Vec<Seed>,
+    shared: Arc<Shared>,
+    args: ServerArgs,
+    verifier: Verifier,
+    local_address: SocketAddr,
+    demo_secret: Option<String>,
+}
+
+/// What a loop starts from: made on the main thread, the loop itself is
+/// built on its own thread (its sessions are not `Send`, and need not be).
+struct Seed {
+    index: usize,
+    poll: Poll,
+    inbox: Receiver<Vec<LoopMail>>,
+    listener: Option<mio::net::TcpListener>,
+    signals: Option<Signals>,
+    /// `--state-file` rooms whose authority this loop takes.
+    rooms: Vec<RoomSnapshot>,
+}
+
+impl Server {
+    /// Binds the listener and prepares every loop; `run` starts serving.
+    pub fn bind(args: ServerArgs) -> Result<Self, ServerError> {
+        let (secret, demo_secret) = match &args.jwt_secret {
+            Some(secret) => (secret.clone(), None),
+            None => {
+                let secret = auth::random_secret();
+                (secret.clone(), Some(secret))
+            }
+        };
+        let verifier = Verifier::new(secret.as_bytes());
+        let count = args.loops().max(1);
+        let mut mailboxes = Vec::with_capacity(count);
+        let mut peers = Vec::with_capacity(count);
+        for _ in 0..count {
+            let poll = Poll::new()?;
+            let waker = Arc::new(mio::Waker::new(poll.registry(), INBOX)?);
+            let (sender, inbox) = mpsc::channel();
+            peers.push(Peer {
+                sender,
+                waker,
+                woken: Arc::new(AtomicBool::new(false)),
+            });
+            mailboxes.push((poll, inbox));
+        }
+        let local_rooms = args.redis.is_none();
+        let keeper = match (&args.state_file, local_rooms) {
+            (Some(path), true) => Some(Mutex::new(Keeper::start(path, count))),
+            (Some(_), false) => {
+                warn!("--state-file is ignored with --redis: Redis holds the rooms");
+                None
+            }
+            _ => None,
+        };
+        let shared = Arc::new(Shared {
+            connections: AtomicUsize::new(0),
+            homes: Arc::new(RoomHomes::default()),
+            peers,
+            keeper,
+        });
+        let listener = listen(args.listen).map_err(|source| ServerError::Bind {
+            address: args.listen,
+            source,
+        })?;
+        let local_address = listener.local_addr()?;
+        let mut rooms = match (&args.state_file, &shared.keeper) {
+            (Some(path), Some(_)) => spread(load_state(path), count),
+            _ => vec![Vec::new(); count],
+        };
+        let mut listener = Some(listener);
+        let mut seeds = Vec::with_capacity(count);
+        for (index, (poll, inbox)) in mailboxes.into_iter().enumerate() {
+            // Loop 0 accepts and takes the signals.
+            let (listener, signals) = match listener.take() {
+                Some(mut listener) => {
+                    let registry = poll.registry();
+                    registry.register(&mut listener, LISTENER, Interest::READABLE)?;
+                    let mut signals = Signals::new([SIGINT, SIGTERM])?;
+                    registry.register(&mut signals, SIGNALS, Interest::READABLE)?;
+                    (Some(listener), Some(signals))
+                }
+                None => (None, None),
+            };
+            seeds.push(Seed {
+                index,
+                poll,
+                inbox,
+                listener,
+                signals,
+                rooms: rooms.get_mut(index).map(std::mem::take).unwrap_or_default(),
+            });
+        }
+        Ok(Server {
+            seeds,
+            shared,
+            args,
+            verifier,
+            local_address,
+            demo_secret,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_address
+    }
+
+    /// In demo mode, a ready token for a guest, for the start-up banner.
+    pub fn demo_token(&self, name: &str) -> Option<String> {
+        let secret = self.demo_secret.as_ref()?;
+        Some(auth::sign(
+            secret.as_bytes(),
+            &TokenClaims {
+                sub: name.to_string(),
+                name: Some(name.to_string()),
+                expires_at: Some(now_ms() / 1000 + DEMO_TOKEN_TTL_SECS),
+                rooms: None,
+            },
+        ))
+    }
+
+    /// Serves until SIGINT or SIGTERM, then drains every loop's clients over
+    /// one window, saves `--state-file` and returns.
+    pub fn run(self) -> Result<(), ServerError> {
+        let mut threads = Vec::with_capacity(self.seeds.len());
+        for seed in self.seeds {
+            let name = format!("roomcast-loop-{}", seed.index);
+            let shared = Arc::clone(&self.shared);
+            let args = self.args.clone();
+            let verifier = self.verifier.clone();
+            let demo_secret = self.demo_secret.clone();
+            let thread = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || {
+                    let start = LoopStart {
+                        shared,
+                        args: &args,
+                        verifier: &verifier,
+                        demo_secret,
+                    };
+                    EventLoop::start(seed, start)?.run()
+                })
+                .map_err(ServerError::Poll)?;
+            threads.push(thread);
+        }
+        let mut outcome = Ok(());
+        for thread in threads {
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(failure)) => {
+                    error!("{failure}");
+                    outcome = Err(failure);
+                }
+                Err(_) => {
+                    error!("an event loop panicked");
+                    outcome = Err(ServerError::Poll(std::io::Error::other(
+                        "an event loop panicked",
+                    )));
+                }
+            }
+        }
+        if let Some(keeper) = Arc::try_unwrap(self.shared)
+            .ok()
+            .and_then(|shared| shared.keeper)
+        {
+            keeper
+                .into_inner()
+                .unwrap_or_else(PoisonError::into_inner)
+                .save_clean();
+        }
+        outcome
+    }
+}
+
+/// Spreads saved rooms over the loops, round-robin: each loop holds the
+/// authority of its share.
+fn spread(rooms: Vec<RoomSnapshot>, count: usize) -> Vec<Vec<RoomSnapshot>> {
+    let mut shares: Vec<Vec<RoomSnapshot>> = vec![Vec::new(); count];
+    for (position, room) in rooms.into_iter().enumerate() {
+        if let Some(share) = shares.get_mut(position % count) {
+            share.push(room);
+        }
+    }
+    shares
+}
+
+/// What every loop is built with.
+struct LoopStart<'a> {
+    shared: Arc<Shared>,
+    args: &'a ServerArgs,
+    verifier: &'a Verifier,
+    demo_secret: Option<String>,
+}
+
+impl EventLoop {
+    /// Builds loop `seed.index` on its own thread: its hub over the
+    /// backplane the configuration picks (the one place that picks it), and
+    /// the saved rooms it holds.
+    fn start(seed: Seed, start: LoopStart<'_>) -> Result<Self, ServerError> {
+        let LoopStart {
+            shared,
+            args,
+            verifier,
+            demo_secret,
+        } = start;
+        let Seed {
+            index,
+            poll,
+            inbox,
+            listener,
+            signals,
+            rooms,
+        } = seed;
+        let count = shared.peers.len();
+        let max_message = args.max_message_bytes();
+        let websocket_config = WebSocketConfig::default()
+            .read_buffer_size(CODEC_BUFFER_SIZE)
+            .write_buffer_size(0)
+            .max_message_size(Some(max_message))
+            .max_frame_size(Some(max_message));
+        let config = HubConfig {
+            history: args.history,
+            max_rooms_per_connection: args.max_rooms_per_connection,
+            typing_timeout_ms: args.typing_timeout_ms,
+            heartbeat_ms: args.heartbeat_ms,
+            pong_timeout_ms: args.pong_timeout_ms,
+            rate_limit: args.rate_limit,
+            rate_burst: args.rate_burst,
+            marks: Marks {
+                soft: args.write_buffer_soft,
+                hard: args.write_buffer_hard,
+            },
+            verifier: verifier.clone(),
+        };
+        let (backplane, bridge): (Box<dyn Backplane>, Option<Bridge>) = match &args.redis {
+            Some(url) => {
+                // One waker per poll (mio's rule): the bridge shares the inbox's.
+                let waker = shared
+                    .peers
+                    .get(index)
+                    .map(|peer| Arc::clone(&peer.waker))
+                    .ok_or_else(|| ServerError::Poll(std::io::Error::other("no mailbox")))?;
+                let process = commands::random_id();
+                let bridge = Bridge::start(url, args.history, process.clone(), Box::new(waker))
+                    .map_err(|error| ServerError::Redis(error.to_string()))?;
+                (
+                    Box::new(RedisBackplane::new(process, now_ms())),
+                    Some(bridge),
+                )
+            }
+            None if count > 1 => {
+                let homes = Arc::clone(&shared.homes);
+                (
+                    Box::new(LoopsBackplane::new(index, count, args.history, homes)),
+                    None,
+                )
+            }
+            None => (Box::new(LocalBackplane::new(args.history)), None),
+        };
+        let mut event_loop = EventLoop {
+            index,
+            poll,
+            listener,
+            signals,
+            shared,
+            inbox,
+            outbox: (0..count).map(|_| Vec::new()).collect(),
+            next_target: 0,
+            stats_gathers: std::collections::HashMap::new(),
+            plain_answers: Vec::new(),
+            connections: Slab::new(),
+            hub: Hub::with_backplane(config, backplane),
+            verifier: verifier.clone(),
+            demo_secret,
+            args: args.clone(),
+            websocket_config,
+            input: SharedInput::new(),
+            staging: Staging::new(),
+            timers: Deadlines::new(),
+            due: Vec::new(),
+            accept_pause: AcceptPause::default(),
+            http_dirty: Vec::new(),
+            read_again: Vec::new(),
+            reading_again: Vec::new(),
+            to_free: Vec::new(),
+            shutting_down: None,
+            bridge,
+            bridge_backlog: false,
+            outgoing: Vec::new(),
+            api_answers: Vec::new(),
+            api_waiting: std::collections::HashMap::new(),
+            next_serial: 0,
+            deposited_changes: None,
+        };
+        event_loop
+            .hub
+            .number_connections(index as u64, count as u64);
+        event_loop.restore(rooms);
+        Ok(event_loop)
+    }
+
+    /// Takes the saved rooms of this loop's share; the keeper holds them
+    /// from the start, so a snapshot written before this loop changes
+    /// anything still has them.
+    fn restore(&mut self, rooms: Vec<RoomSnapshot>) {
+        if self.shared.keeper.is_none() {
+            return;
+        }
+        let now = now_ms();
+        if self.loop_count() == 1 {
+            self.hub.import_rooms(rooms, now);
+        } else if let Some(loops) = self.hub.backplane_mut::<LoopsBackplane>() {
+            for room in rooms {
+                loops.restore(room, now);
+            }
+        }
+        self.deposit_state();
+    }
+}

@@ -497,10 +497,8 @@ fn subscriber_ids(admin: &mut redis::Connection) -> Vec<u64> {
 #[test]
 fn a_dropped_pub_sub_connection_is_resubscribed() {
     let redis = Redis::start();
-    // One loop per node: each loop of a node has its own bridge today
-    // (see the README), and this test counts the subscriber connections.
-    let one_loop = ["--threads", "1"];
-    let (a, b) = (node(&redis, &one_loop), node(&redis, &one_loop));
+    // One subscriber connection per node, however many loops it runs.
+    let (a, b) = (node(&redis, &[]), node(&redis, &[]));
     let mut alice = a.connect("alice");
     let mut bob = b.connect("bob");
     alice.join("lobby");

@@ -82,6 +82,6 @@ impl EventLoop {
                 Ok(_) => continue,
             }
         }
-        bridge.stop();
+        // The process stops the bridge's threads once every loop is done.
     }
 }

@@ -33,7 +33,7 @@ use crate::backplane::Backplane;
 use crate::backplane::local::LocalBackplane;
 use crate::backplane::loops::{LoopsBackplane, RoomHomes};
 use crate::backplane::redis::RedisBackplane;
-use crate::backplane::redis::bridge::Bridge;
+use crate::backplane::redis::bridge::{Bridge, BridgeLink, Wake};
 use crate::backplane::redis::commands;
 use crate::config::ServerArgs;
 use crate::hub::{Hub, HubConfig};
@@ -44,6 +44,8 @@ use crate::timers::Deadlines;
 /// A bound, not yet running server.
 pub struct Server {
     seeds: Vec<Seed>,
+    /// With `--redis`: the process's one bridge (command and subscriber threads).
+    bridge: Option<Bridge>,
     shared: Arc<Shared>,
     args: ServerArgs,
     verifier: Verifier,
@@ -61,6 +63,9 @@ struct Seed {
     signals: Option<Signals>,
     /// `--state-file` rooms whose authority this loop takes.
     rooms: Vec<RoomSnapshot>,
+    /// With `--redis`: this loop's process id (a node of the cluster) and
+    /// its link to the process's one bridge.
+    redis: Option<(String, BridgeLink)>,
 }
 
 impl Server {
@@ -112,6 +117,22 @@ impl Server {
             (Some(path), Some(_)) => spread(load_state(path), count),
             _ => vec![Vec::new(); count],
         };
+        let (bridge, mut links) = match &args.redis {
+            Some(url) => {
+                // One waker per poll (mio's rule): the bridge shares each loop's inbox waker.
+                let processes: Vec<String> = (0..count).map(|_| commands::random_id()).collect();
+                let wakers = shared
+                    .peers
+                    .iter()
+                    .map(|peer| Box::new(Arc::clone(&peer.waker)) as Box<dyn Wake>)
+                    .collect();
+                let (bridge, links) = Bridge::start(url, args.history, processes.clone(), wakers)
+                    .map_err(|error| ServerError::Redis(error.to_string()))?;
+                let links = processes.into_iter().zip(links).map(Some).collect();
+                (Some(bridge), links)
+            }
+            None => (None, Vec::new()),
+        };
         let mut listener = Some(listener);
         let mut seeds = Vec::with_capacity(count);
         for (index, (poll, inbox)) in mailboxes.into_iter().enumerate() {
@@ -133,10 +154,12 @@ impl Server {
                 listener,
                 signals,
                 rooms: rooms.get_mut(index).map(std::mem::take).unwrap_or_default(),
+                redis: links.get_mut(index).and_then(Option::take),
             });
         }
         Ok(Server {
             seeds,
+            bridge,
             shared,
             args,
             verifier,
@@ -204,6 +227,9 @@ impl Server {
                 }
             }
         }
+        if let Some(bridge) = &self.bridge {
+            bridge.stop();
+        }
         if let Some(keeper) = Arc::try_unwrap(self.shared)
             .ok()
             .and_then(|shared| shared.keeper)
@@ -255,6 +281,7 @@ impl EventLoop {
             listener,
             signals,
             rooms,
+            redis,
         } = seed;
         let count = shared.peers.len();
         let max_message = args.max_message_bytes();
@@ -277,22 +304,8 @@ impl EventLoop {
             },
             verifier: verifier.clone(),
         };
-        let (backplane, bridge): (Box<dyn Backplane>, Option<Bridge>) = match &args.redis {
-            Some(url) => {
-                // One waker per poll (mio's rule): the bridge shares the inbox's.
-                let waker = shared
-                    .peers
-                    .get(index)
-                    .map(|peer| Arc::clone(&peer.waker))
-                    .ok_or_else(|| ServerError::Poll(std::io::Error::other("no mailbox")))?;
-                let process = commands::random_id();
-                let bridge = Bridge::start(url, args.history, process.clone(), Box::new(waker))
-                    .map_err(|error| ServerError::Redis(error.to_string()))?;
-                (
-                    Box::new(RedisBackplane::new(process, now_ms())),
-                    Some(bridge),
-                )
-            }
+        let (backplane, bridge): (Box<dyn Backplane>, Option<BridgeLink>) = match redis {
+            Some((process, link)) => (Box::new(RedisBackplane::new(process, now_ms())), Some(link)),
             None if count > 1 => {
                 let homes = Arc::clone(&shared.homes);
                 (

@@ -18,7 +18,7 @@ use super::accept::AcceptPause;
 use super::connection::{Connection, SharedInput};
 use super::peers::{LoopMail, Shared, StatsGather};
 use crate::auth::Verifier;
-use crate::backplane::redis::bridge::Bridge;
+use crate::backplane::redis::bridge::BridgeLink;
 use crate::backplane::redis::commands::Outgoing;
 use crate::config::ServerArgs;
 use crate::hub::{ApiAnswer, Hub, Millis};
@@ -121,7 +121,7 @@ pub struct EventLoop {
     /// Accepting is paused until then after the process ran out of file descriptors.
     pub(super) accept_pause: AcceptPause,
     /// With `--redis`: the helper threads that talk to Redis.
-    pub(super) bridge: Option<Bridge>,
+    pub(super) bridge: Option<BridgeLink>,
     /// Bridge events were left for the next iteration.
     pub(super) bridge_backlog: bool,
     /// Reused buffers of what the hub sends to Redis and its API answers.

@@ -1,5 +1,9 @@
 //! The Redis side of `--redis`: two helper threads with blocking connections
-//! of the `redis` crate, so that no Redis call ever runs on the event loop.
+//! of the `redis` crate, so that no Redis call ever runs on an event loop,
+//! one pair per process whatever its loop count. Each loop is a node of the
+//! cluster of its own (its own node id, liveness key and counts); answers
+//! go back to the loop that asked, a room's traffic to the loops subscribed
+//! to it (framed once), everything else to every loop.
 //!
 //! - The **command thread** owns the command connection. It takes
 //!   [`Command`]s from an `mpsc` channel in the order the loop sent them,
@@ -32,8 +36,8 @@ use log::{debug, info, warn};
 use redis::{Client, Connection, Pipeline, RedisError, Value};
 
 use super::commands::{
-    self, Command, Event, KEY_TTL_MS, NODE_TTL_MS, RegisteredRoom, Reply, ReqId, RoomMembers,
-    RoomState, Script, Subscription, USERS_CHANNEL,
+    self, Command, Event, KEY_TTL_MS, NODE_TTL_MS, RegisteredRoom, Reply, ReqId, RoomItem,
+    RoomMembers, RoomState, Script, Subscription, USERS_CHANNEL,
 };
 
 /// Connecting gives up after this long.
@@ -99,61 +103,104 @@ impl ToLoop {
     }
 }
 
-/// Which room channels are subscribed, and by which request (its generation).
+/// Every event loop of the process, by index: answers go to the loop that
+/// asked, room traffic to the loops subscribed to the room, the rest to all.
+#[derive(Clone)]
+struct ToLoops {
+    loops: Vec<ToLoop>,
+}
+
+impl ToLoops {
+    fn send(&self, to: usize, event: Event) {
+        if let Some(target) = self.loops.get(to) {
+            target.send(event);
+        }
+    }
+
+    fn broadcast(&self, event: &Event) {
+        for target in &self.loops {
+            target.send(event.clone());
+        }
+    }
+}
+
+/// Which room channels are subscribed for which loop, and by which of its
+/// requests (the loop's generation).
 #[derive(Default)]
 struct Subscribed {
-    rooms: Mutex<HashMap<String, u64>>,
+    rooms: Mutex<HashMap<(usize, String), u64>>,
     changed: Condvar,
 }
 
-/// The loop's ends of the bridge.
+/// The process's end of the bridge: one command connection and one
+/// subscriber for every loop, so a channel message is framed once.
 pub struct Bridge {
-    commands: Sender<Command>,
-    subscriptions: Sender<Subscription>,
-    /// Events from both threads.
-    pub events: Receiver<Event>,
-    /// Re-armed by the loop before draining `events`.
-    pub notifier: Arc<Notifier>,
     stop: Arc<AtomicBool>,
 }
 
+/// One loop's ends of the bridge.
+pub struct BridgeLink {
+    index: usize,
+    commands: Sender<(usize, Command)>,
+    subscriptions: Sender<(usize, Subscription)>,
+    /// Events for this loop from both threads.
+    pub events: Receiver<Event>,
+    /// Re-armed by the loop before draining `events`.
+    pub notifier: Arc<Notifier>,
+}
+
 impl Bridge {
-    /// Starts both threads; they connect in the background (Redis may be down).
+    /// Starts both threads for the loops of `processes` (one process id, and
+    /// one waker, per loop); they connect in the background (Redis may be
+    /// down). Returns each loop's link, by index.
     pub fn start(
         url: &str,
         history: usize,
-        process: String,
-        waker: Box<dyn Wake>,
-    ) -> Result<Bridge, RedisError> {
+        processes: Vec<String>,
+        wakers: Vec<Box<dyn Wake>>,
+    ) -> Result<(Bridge, Vec<BridgeLink>), RedisError> {
         let client = Client::open(url)?;
-        let notifier = Arc::new(Notifier::new(waker));
-        let (event_tx, events) = mpsc::channel();
-        let to_loop = ToLoop {
-            events: event_tx,
-            notifier: notifier.clone(),
-        };
         let (commands, command_rx) = mpsc::channel();
         let (subscriptions, subscription_rx) = mpsc::channel();
+        let mut targets = Vec::new();
+        let mut links = Vec::new();
+        for (index, waker) in wakers.into_iter().enumerate() {
+            let notifier = Arc::new(Notifier::new(waker));
+            let (event_tx, events) = mpsc::channel();
+            targets.push(ToLoop {
+                events: event_tx,
+                notifier: notifier.clone(),
+            });
+            links.push(BridgeLink {
+                index,
+                commands: mpsc::Sender::clone(&commands),
+                subscriptions: mpsc::Sender::clone(&subscriptions),
+                events,
+                notifier,
+            });
+        }
+        let to_loops = ToLoops { loops: targets };
         let subscribed = Arc::new(Subscribed::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let wake = commands::wake_channel(&process);
+        let wake = commands::wake_channel(processes.first().map_or("", String::as_str));
         {
             let client = client.clone();
-            let to_loop = to_loop.clone();
+            let to_loops = to_loops.clone();
             let subscribed = subscribed.clone();
             let wake = wake.clone();
+            let loops = processes.len();
             thread::Builder::new()
                 .name("redis-commands".into())
                 .spawn(move || {
                     CommandThread {
                         client,
-                        to_loop,
+                        to_loops,
                         subscribed,
                         wake,
                         history,
                         scripts: Vec::new(),
                         connection: None,
-                        node: None,
+                        nodes: vec![None; loops],
                         backoff: Backoff::new(),
                         next_heartbeat: Instant::now(),
                     }
@@ -168,10 +215,10 @@ impl Bridge {
                 .spawn(move || {
                     SubscriberThread {
                         client,
-                        to_loop,
+                        to_loops,
                         subscribed,
                         wake,
-                        process,
+                        processes,
                         desired: HashMap::new(),
                         stop,
                     }
@@ -179,28 +226,25 @@ impl Bridge {
                 })
                 .map_err(io_error)?;
         }
-        Ok(Bridge {
-            commands,
-            subscriptions,
-            events,
-            notifier,
-            stop,
-        })
+        Ok((Bridge { stop }, links))
     }
 
+    /// Tells the subscriber to end (the command thread ends once every loop
+    /// sent its `Shutdown`).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+impl BridgeLink {
     /// Hands a command to the command thread.
     pub fn command(&self, command: Command) {
-        let _ = self.commands.send(command);
+        let _ = self.commands.send((self.index, command));
     }
 
     /// Hands a subscription change to the subscriber thread.
     pub fn subscription(&self, change: Subscription) {
-        let _ = self.subscriptions.send(change);
-    }
-
-    /// Tells the subscriber to end (the command thread ends after `Shutdown`).
-    pub fn stop(&self) {
-        self.stop.store(true, Ordering::Release);
+        let _ = self.subscriptions.send((self.index, change));
     }
 }
 
@@ -258,15 +302,16 @@ fn connect(client: &Client, read_timeout: Duration) -> Result<Connection, RedisE
 
 struct CommandThread {
     client: Client,
-    to_loop: ToLoop,
+    to_loops: ToLoops,
     subscribed: Arc<Subscribed>,
     wake: String,
     history: usize,
     /// SHA of each script of `Script::ALL`, loaded on this connection.
     scripts: Vec<String>,
     connection: Option<Connection>,
-    /// The node id, once registered on this connection.
-    node: Option<String>,
+    /// Each loop's node id, once it registered on this connection: every
+    /// loop is a node of the cluster (its own presence and counts).
+    nodes: Vec<Option<String>>,
     backoff: Backoff,
     next_heartbeat: Instant,
 }
@@ -282,12 +327,14 @@ enum Expect {
 }
 
 impl CommandThread {
-    fn run(mut self, commands: Receiver<Command>) {
+    fn run(mut self, commands: Receiver<(usize, Command)>) {
         let mut batch = Vec::new();
+        let mut live = self.nodes.len();
         loop {
+            let registered = self.nodes.iter().any(Option::is_some);
             let wait = if self.connection.is_none() {
                 self.backoff.remaining().max(Duration::from_millis(10))
-            } else if self.node.is_some() {
+            } else if registered {
                 self.next_heartbeat
                     .saturating_duration_since(Instant::now())
                     .max(Duration::from_millis(1))
@@ -308,13 +355,20 @@ impl CommandThread {
             if self.connection.is_none() && self.backoff.ready() {
                 self.connect();
             }
-            let shutdown = batch.iter().any(|c| matches!(c, Command::Shutdown));
+            let stopping: Vec<usize> = batch
+                .iter()
+                .filter(|(_, command)| matches!(command, Command::Shutdown))
+                .map(|(index, _)| *index)
+                .collect();
             self.execute(&mut batch);
-            if shutdown {
-                self.to_loop.send(Event::Stopped);
+            for index in stopping {
+                self.to_loops.send(index, Event::Stopped);
+                live = live.saturating_sub(1);
+            }
+            if live == 0 {
                 return;
             }
-            if self.node.is_some() && Instant::now() >= self.next_heartbeat {
+            if self.nodes.iter().any(Option::is_some) && Instant::now() >= self.next_heartbeat {
                 self.heartbeat();
             }
         }
@@ -337,9 +391,9 @@ impl CommandThread {
                 info!("redis: command connection up");
                 self.connection = Some(connection);
                 self.scripts = shas;
-                self.node = None;
+                self.nodes.iter_mut().for_each(|node| *node = None);
                 self.backoff.reset();
-                self.to_loop.send(Event::CommandLink(true));
+                self.to_loops.broadcast(&Event::CommandLink(true));
             }
             Err(error) => {
                 let delay = self.backoff.failed();
@@ -351,13 +405,13 @@ impl CommandThread {
     fn lost(&mut self, error: &RedisError) {
         if self.connection.take().is_some() {
             warn!("redis: command connection lost: {error}");
-            self.to_loop.send(Event::CommandLink(false));
+            self.to_loops.broadcast(&Event::CommandLink(false));
         }
-        self.node = None;
+        self.nodes.iter_mut().for_each(|node| *node = None);
         self.backoff.failed();
     }
 
-    fn fail(&self, command: &Command) {
+    fn fail(&self, index: usize, command: &Command) {
         let req = match command {
             Command::Join { req, .. }
             | Command::Publish { req, .. }
@@ -366,40 +420,44 @@ impl CommandThread {
             | Command::Register { req, .. } => *req,
             _ => return,
         };
-        self.to_loop.send(Event::Reply {
-            req,
-            result: Err(()),
-        });
+        self.to_loops.send(
+            index,
+            Event::Reply {
+                req,
+                result: Err(()),
+            },
+        );
     }
 
     /// Runs a batch in order: plain commands as pipelines, a registration on its own.
-    fn execute(&mut self, batch: &mut Vec<Command>) {
-        let mut run: Vec<Command> = Vec::new();
-        for command in batch.drain(..) {
+    fn execute(&mut self, batch: &mut Vec<(usize, Command)>) {
+        let mut run: Vec<(usize, Command)> = Vec::new();
+        for (index, command) in batch.drain(..) {
             match command {
                 Command::Register { .. } | Command::Shutdown => {
                     let pending = std::mem::take(&mut run);
                     self.execute_plain(pending);
-                    self.execute_special(command);
+                    self.execute_special(index, command);
                 }
-                other => run.push(other),
+                other => run.push((index, other)),
             }
         }
         self.execute_plain(run);
     }
 
-    fn execute_special(&mut self, command: Command) {
+    fn execute_special(&mut self, index: usize, command: Command) {
         match command {
             Command::Register { req, rooms, users } => {
                 if self.connection.is_none() {
-                    self.fail(&Command::Register {
+                    let refused = Command::Register {
                         req,
                         rooms: Vec::new(),
                         users: Vec::new(),
-                    });
+                    };
+                    self.fail(index, &refused);
                     return;
                 }
-                let result = self.register(&rooms, &users);
+                let result = self.register(index, &rooms, &users);
                 let result = match result {
                     Ok(rooms) => Ok(Reply::Registered { rooms }),
                     Err(error) => {
@@ -407,12 +465,13 @@ impl CommandThread {
                         Err(())
                     }
                 };
-                self.to_loop.send(Event::Reply { req, result });
+                self.to_loops.send(index, Event::Reply { req, result });
             }
             Command::Shutdown => {
-                if let (Some(connection), Some(node)) = (self.connection.as_mut(), &self.node) {
+                let node = self.nodes.get_mut(index).and_then(Option::take);
+                if let (Some(connection), Some(node)) = (self.connection.as_mut(), node) {
                     let _: Result<(), _> = redis::cmd("DEL")
-                        .arg(commands::node_key(node))
+                        .arg(commands::node_key(&node))
                         .query(connection);
                 }
             }
@@ -423,13 +482,14 @@ impl CommandThread {
     /// A new node id, the liveness key, and every room and user of this node.
     fn register(
         &mut self,
+        index: usize,
         rooms: &[RoomMembers],
         users: &[(String, u32)],
     ) -> Result<Vec<RegisteredRoom>, RedisError> {
         let node = commands::random_id();
         let ttl = KEY_TTL_MS.to_string();
         let mut pipe = redis::pipe();
-        if let Some(old) = &self.node {
+        if let Some(old) = self.nodes.get(index).and_then(Option::as_ref) {
             pipe.cmd("DEL").arg(commands::node_key(old)).ignore();
         }
         pipe.cmd("SET")
@@ -473,21 +533,28 @@ impl CommandThread {
             rooms.len(),
             users.len()
         );
-        self.node = Some(node);
+        if let Some(slot) = self.nodes.get_mut(index) {
+            *slot = Some(node);
+        }
         self.next_heartbeat = Instant::now() + Duration::from_millis(commands::HEARTBEAT_MS);
         Ok(states)
     }
 
+    /// Every loop's liveness key, in one pipeline.
     fn heartbeat(&mut self) {
-        let (Some(connection), Some(node)) = (self.connection.as_mut(), &self.node) else {
+        let Some(connection) = self.connection.as_mut() else {
             return;
         };
-        let result: Result<(), RedisError> = redis::cmd("SET")
-            .arg(commands::node_key(node))
-            .arg(1)
-            .arg("PX")
-            .arg(NODE_TTL_MS)
-            .query(connection);
+        let mut pipe = redis::pipe();
+        for node in self.nodes.iter().flatten() {
+            pipe.cmd("SET")
+                .arg(commands::node_key(node))
+                .arg(1)
+                .arg("PX")
+                .arg(NODE_TTL_MS)
+                .ignore();
+        }
+        let result: Result<(), RedisError> = pipe.query(connection);
         self.next_heartbeat = Instant::now() + Duration::from_millis(commands::HEARTBEAT_MS);
         if let Err(error) = result {
             self.lost(&error);
@@ -498,16 +565,16 @@ impl CommandThread {
         self.scripts.get(script.index()).map_or("", String::as_str)
     }
 
-    /// Waits until every room in `rooms` (with the generation it needs) is
-    /// subscribed; returns those that are not after the wait.
-    fn await_subscriptions(&mut self, rooms: &[(String, u64)]) -> Vec<String> {
-        let ready = |subscribed: &HashMap<String, u64>| {
+    /// Waits until every (loop, room) in `rooms` (with the loop's generation
+    /// it needs) is subscribed; returns those that are not after the wait.
+    fn await_subscriptions(&mut self, rooms: &[((usize, String), u64)]) -> Vec<(usize, String)> {
+        let ready = |subscribed: &HashMap<(usize, String), u64>| {
             rooms
                 .iter()
-                .all(|(room, generation)| subscribed.get(room).is_some_and(|g| g >= generation))
+                .all(|(key, generation)| subscribed.get(key).is_some_and(|g| g >= generation))
         };
         let Ok(guard) = self.subscribed.rooms.lock() else {
-            return rooms.iter().map(|(room, _)| room.clone()).collect();
+            return rooms.iter().map(|(key, _)| key.clone()).collect();
         };
         if ready(&guard) {
             return Vec::new();
@@ -530,34 +597,37 @@ impl CommandThread {
         match result {
             Ok((subscribed, _)) => rooms
                 .iter()
-                .filter(|(room, generation)| subscribed.get(room).is_none_or(|g| g < generation))
-                .map(|(room, _)| room.clone())
+                .filter(|(key, generation)| subscribed.get(key).is_none_or(|g| g < generation))
+                .map(|(key, _)| key.clone())
                 .collect(),
             Err(_) => Vec::new(),
         }
     }
 
-    /// Sends commands as one pipeline and answers each.
-    fn execute_plain(&mut self, mut commands: Vec<Command>) {
+    /// Sends commands as one pipeline and answers each to the loop that sent it.
+    fn execute_plain(&mut self, mut commands: Vec<(usize, Command)>) {
         if commands.is_empty() {
             return;
         }
-        if self.connection.is_none() || self.node.is_none() {
-            // Not connected, or not yet registered on this connection: what
-            // was asked before the link came back is refused, not replayed.
-            for command in &commands {
-                self.fail(command);
+        // Not connected, or the sending loop not yet registered on this
+        // connection: what was asked before the link came back is refused,
+        // not replayed.
+        let connected = self.connection.is_some();
+        commands.retain(|(index, command)| {
+            let registered = self.nodes.get(*index).is_some_and(Option::is_some);
+            if !connected || !registered {
+                self.fail(*index, command);
             }
-            return;
-        }
-        let joins: Vec<(String, u64)> = commands
+            connected && registered
+        });
+        let joins: Vec<((usize, String), u64)> = commands
             .iter()
-            .filter_map(|command| match command {
+            .filter_map(|(index, command)| match command {
                 Command::Join {
                     room,
                     sub_generation,
                     ..
-                } => Some((room.clone(), *sub_generation)),
+                } => Some(((*index, room.clone()), *sub_generation)),
                 _ => None,
             })
             .collect();
@@ -565,20 +635,23 @@ impl CommandThread {
             let missing = self.await_subscriptions(&joins);
             if !missing.is_empty() {
                 warn!("redis: no subscription for {missing:?}; refusing the join(s)");
-                commands.retain(|command| match command {
-                    Command::Join { room, .. } if missing.contains(room) => {
-                        self.fail(command);
+                commands.retain(|(index, command)| match command {
+                    Command::Join { room, .. } if missing.contains(&(*index, room.clone())) => {
+                        self.fail(*index, command);
                         false
                     }
                     _ => true,
                 });
             }
         }
+        if commands.is_empty() {
+            return;
+        }
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         let mut expects = Vec::with_capacity(commands.len());
-        for command in &commands {
-            expects.push(self.add(&mut pipe, command));
+        for (index, command) in &commands {
+            expects.push((*index, self.add(&mut pipe, *index, command)));
         }
         let Some(connection) = self.connection.as_mut() else {
             return;
@@ -588,15 +661,15 @@ impl CommandThread {
             Ok(results) => results,
             Err(error) => {
                 self.lost(&error);
-                for command in &commands {
-                    self.fail(command);
+                for (index, command) in &commands {
+                    self.fail(*index, command);
                 }
                 return;
             }
         };
         let mut noscript = None;
         // Each command's first reply is its answer; the rest are ignored in the pipeline.
-        for (expect, result) in expects.into_iter().zip(results) {
+        for ((index, expect), result) in expects.into_iter().zip(results) {
             let (req, parsed) = match result {
                 Ok(value) => match expect {
                     Expect::Nothing => continue,
@@ -623,10 +696,8 @@ impl CommandThread {
                     }
                 }
             };
-            self.to_loop.send(Event::Reply {
-                req,
-                result: parsed.ok_or(()),
-            });
+            let result = parsed.ok_or(());
+            self.to_loops.send(index, Event::Reply { req, result });
         }
         if let Some(error) = noscript {
             // Someone flushed the scripts: reconnect, which loads them again.
@@ -635,8 +706,12 @@ impl CommandThread {
     }
 
     /// Adds a command to the pipeline; every command but the first of each is ignored.
-    fn add(&self, pipe: &mut Pipeline, command: &Command) -> Expect {
-        let node = self.node.as_deref().unwrap_or("");
+    fn add(&self, pipe: &mut Pipeline, index: usize, command: &Command) -> Expect {
+        let node = self
+            .nodes
+            .get(index)
+            .and_then(Option::as_deref)
+            .unwrap_or("");
         let ttl = KEY_TTL_MS.to_string();
         match command {
             Command::Join { .. } => self.add_join(pipe, command, node, &ttl),
@@ -853,17 +928,19 @@ fn presence(value: &Value) -> Option<Reply> {
 
 struct SubscriberThread {
     client: Client,
-    to_loop: ToLoop,
+    to_loops: ToLoops,
     subscribed: Arc<Subscribed>,
     wake: String,
-    process: String,
-    /// Room channels asked for, with the generation of the request.
-    desired: HashMap<String, u64>,
+    /// Each loop's process id: its join markers.
+    processes: Vec<String>,
+    /// Room channels asked for: the loops that asked, with the generation
+    /// of each loop's request. A channel is subscribed while any loop wants it.
+    desired: HashMap<String, HashMap<usize, u64>>,
     stop: Arc<AtomicBool>,
 }
 
 impl SubscriberThread {
-    fn run(mut self, requests: Receiver<Subscription>) {
+    fn run(mut self, requests: Receiver<(usize, Subscription)>) {
         let mut backoff = Backoff::new();
         while !self.stop.load(Ordering::Acquire) {
             match self.session(&requests, &mut backoff) {
@@ -879,7 +956,9 @@ impl SubscriberThread {
                     while Instant::now() < until && !self.stop.load(Ordering::Acquire) {
                         match requests.recv_timeout(until.saturating_duration_since(Instant::now()))
                         {
-                            Ok(change) => self.note(&change),
+                            Ok((index, change)) => {
+                                self.note(index, &change);
+                            }
                             Err(RecvTimeoutError::Timeout) => break,
                             Err(RecvTimeoutError::Disconnected) => return,
                         }
@@ -889,13 +968,25 @@ impl SubscriberThread {
         }
     }
 
-    fn note(&mut self, change: &Subscription) {
+    /// Records a loop's request; returns whether the room's channel must be
+    /// subscribed (its first loop) or unsubscribed (its last).
+    fn note(&mut self, index: usize, change: &Subscription) -> bool {
         match change {
             Subscription::Subscribe { room, generation } => {
-                self.desired.insert(room.clone(), *generation);
+                let loops = self.desired.entry(room.clone()).or_default();
+                loops.insert(index, *generation);
+                loops.len() == 1
             }
             Subscription::Unsubscribe { room } => {
-                self.desired.remove(room);
+                let Some(loops) = self.desired.get_mut(room) else {
+                    return false;
+                };
+                loops.remove(&index);
+                let last = loops.is_empty();
+                if last {
+                    self.desired.remove(room);
+                }
+                last
             }
         }
     }
@@ -903,7 +994,7 @@ impl SubscriberThread {
     /// One connection's life; `Ok` only when asked to stop.
     fn session(
         &mut self,
-        requests: &Receiver<Subscription>,
+        requests: &Receiver<(usize, Subscription)>,
         backoff: &mut Backoff,
     ) -> Result<(), RedisError> {
         let mut connection = connect(&self.client, SUBSCRIBER_POLL)?;
@@ -913,35 +1004,39 @@ impl SubscriberThread {
         // Requests that came while connecting are part of the first subscription.
         loop {
             match requests.try_recv() {
-                Ok(change) => self.note(&change),
+                Ok((index, change)) => {
+                    self.note(index, &change);
+                }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => return Ok(()),
             }
         }
-        let rooms: Vec<(String, u64)> = self
-            .desired
-            .iter()
-            .map(|(room, generation)| (room.clone(), *generation))
-            .collect();
-        for (room, _) in &rooms {
+        let mut confirmed = Vec::new();
+        for (room, loops) in &self.desired {
             pubsub.subscribe(commands::room_channel(room))?;
+            for (index, generation) in loops {
+                confirmed.push(((*index, room.clone()), *generation));
+            }
         }
-        self.confirm(&rooms);
+        self.confirm(&confirmed);
         backoff.reset();
-        info!("redis: subscriber up ({} room channel(s))", rooms.len());
-        self.to_loop.send(Event::SubscriberLink(true));
+        info!(
+            "redis: subscriber up ({} room channel(s))",
+            self.desired.len()
+        );
+        self.to_loops.broadcast(&Event::SubscriberLink(true));
         let result = self.listen(&mut pubsub, requests);
-        self.to_loop.send(Event::SubscriberLink(false));
+        self.to_loops.broadcast(&Event::SubscriberLink(false));
         if let Err(error) = &result {
             warn!("redis: subscriber connection lost: {error}");
         }
         result
     }
 
-    fn confirm(&self, rooms: &[(String, u64)]) {
+    fn confirm(&self, rooms: &[((usize, String), u64)]) {
         if let Ok(mut subscribed) = self.subscribed.rooms.lock() {
-            for (room, generation) in rooms {
-                subscribed.insert(room.clone(), *generation);
+            for (key, generation) in rooms {
+                subscribed.insert(key.clone(), *generation);
             }
         }
         self.subscribed.changed.notify_all();
@@ -950,7 +1045,7 @@ impl SubscriberThread {
     fn listen(
         &mut self,
         pubsub: &mut redis::PubSub<'_>,
-        requests: &Receiver<Subscription>,
+        requests: &Receiver<(usize, Subscription)>,
     ) -> Result<(), RedisError> {
         loop {
             if self.stop.load(Ordering::Acquire) {
@@ -972,50 +1067,90 @@ impl SubscriberThread {
     fn apply(
         &mut self,
         pubsub: &mut redis::PubSub<'_>,
-        requests: &Receiver<Subscription>,
+        requests: &Receiver<(usize, Subscription)>,
     ) -> Result<(), RedisError> {
         loop {
-            let change = match requests.try_recv() {
-                Ok(change) => change,
+            let (index, change) = match requests.try_recv() {
+                Ok(request) => request,
                 Err(TryRecvError::Empty) => return Ok(()),
                 Err(TryRecvError::Disconnected) => {
                     self.stop.store(true, Ordering::Release);
                     return Ok(());
                 }
             };
-            self.note(&change);
+            let first_or_last = self.note(index, &change);
             match change {
                 Subscription::Subscribe { room, generation } => {
-                    pubsub.subscribe(commands::room_channel(&room))?;
-                    self.confirm(&[(room, generation)]);
+                    if first_or_last {
+                        pubsub.subscribe(commands::room_channel(&room))?;
+                    }
+                    self.confirm(&[((index, room), generation)]);
                 }
                 Subscription::Unsubscribe { room } => {
                     if let Ok(mut subscribed) = self.subscribed.rooms.lock() {
-                        subscribed.remove(&room);
+                        subscribed.remove(&(index, room.clone()));
                     }
-                    pubsub.unsubscribe(commands::room_channel(&room))?;
+                    if first_or_last {
+                        pubsub.unsubscribe(commands::room_channel(&room))?;
+                    }
                 }
             }
         }
     }
 
+    /// A message, framed once here, to the loops it is for: a join marker to
+    /// the loop whose process made it, room traffic to every loop subscribed
+    /// to the room, user items to every loop.
     fn deliver(&self, message: &redis::Msg) {
         let channel = message.get_channel_name();
         let Ok(payload) = std::str::from_utf8(message.get_payload_bytes()) else {
             return;
         };
         if let Some(room) = channel.strip_prefix(commands::ROOM_CHANNEL_PREFIX) {
-            if let Some(item) = commands::parse_room_item(payload, &self.process) {
-                self.to_loop.send(Event::Room {
-                    room: room.to_string(),
-                    item,
-                });
+            let Some((owner, item)) = self.parse_room_item(payload) else {
+                return;
+            };
+            if let Some(owner) = owner {
+                self.to_loops.send(
+                    owner,
+                    Event::Room {
+                        room: room.to_string(),
+                        item,
+                    },
+                );
+                return;
+            }
+            let Some(loops) = self.desired.get(room) else {
+                return;
+            };
+            let event = Event::Room {
+                room: room.to_string(),
+                item,
+            };
+            for &index in loops.keys() {
+                self.to_loops.send(index, event.clone());
             }
         } else if channel == USERS_CHANNEL
             && let Some((user_id, item)) = commands::parse_user_item(payload)
         {
-            self.to_loop.send(Event::User { user_id, item });
+            self.to_loops.broadcast(&Event::User { user_id, item });
         }
+    }
+
+    /// A room item, and for a join marker the loop that owns it (`None`
+    /// for traffic, which is for every subscribed loop).
+    fn parse_room_item(&self, payload: &str) -> Option<(Option<usize>, RoomItem)> {
+        for (index, process) in self.processes.iter().enumerate() {
+            match commands::parse_room_item(payload, process) {
+                Some(RoomItem::Marker { req }) => {
+                    return Some((Some(index), RoomItem::Marker { req }));
+                }
+                Some(item) => return Some((None, item)),
+                // A marker of another loop's process (or a malformed item).
+                None => continue,
+            }
+        }
+        None
     }
 }
 

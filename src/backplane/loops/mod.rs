@@ -31,6 +31,9 @@ use crate::hub::{EMPTY_ROOM_TTL_MS, Millis, random_epoch};
 use crate::protocol::{self, FrameBuilder};
 use crate::state::RoomSnapshot;
 
+#[cfg(test)]
+mod tests;
+
 /// How often a loop looks for rooms empty everywhere for five minutes.
 const FORGET_SCAN_MS: Millis = 10_000;
 

@@ -1,0 +1,252 @@
+//! The rules over N loops, without sockets or threads: two hubs, each over
+//! its own [`LoopsBackplane`], in one thread; the tests carry the mail
+//! between them (as the shell's channels would) until none is left.
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use super::*;
+use crate::auth::{Identity, RoomAccess, Verifier};
+use crate::hub::{ConnId, Hub, HubConfig};
+use crate::outbound::Marks;
+
+const NOW: Millis = 1_700_000_000_000;
+
+/// Two loops of one process.
+struct Process {
+    loops: Vec<Hub>,
+}
+
+impl Process {
+    fn new(count: usize) -> Self {
+        let homes = Arc::new(RoomHomes::default());
+        let loops = (0..count)
+            .map(|index| {
+                let backplane = LoopsBackplane::new(index, count, 100, Arc::clone(&homes));
+                let mut hub = Hub::with_backplane(config(), Box::new(backplane));
+                hub.number_connections(index as u64, count as u64);
+                hub
+            })
+            .collect();
+        Process { loops }
+    }
+
+    /// Carries every loop's mail to its destination until none is left.
+    fn settle(&mut self) {
+        loop {
+            let mut mail = Vec::new();
+            for hub in &mut self.loops {
+                if let Some(loops) = hub.backplane_mut::<LoopsBackplane>() {
+                    loops.take_outgoing(&mut mail);
+                }
+            }
+            if mail.is_empty() {
+                return;
+            }
+            for (to, message) in mail {
+                let Some(hub) = self.loops.get_mut(to) else {
+                    continue;
+                };
+                if let Some(loops) = hub.backplane_mut::<LoopsBackplane>() {
+                    loops.on_message(message, NOW);
+                }
+                hub.backplane_changed(NOW);
+            }
+        }
+    }
+
+    fn connect(&mut self, on: usize, conn: ConnId, user: &str) {
+        let identity = Identity {
+            user_id: user.into(),
+            name: user.into(),
+            expires_at: None,
+            rooms: RoomAccess::Every,
+        };
+        self.loops[on].connect(conn, identity, None, NOW);
+        self.settle();
+        assert_eq!(kinds(&self.drain(on, conn)), ["welcome"]);
+    }
+
+    fn send(&mut self, on: usize, conn: ConnId, frame: Value) {
+        self.loops[on].receive_text(conn, &frame.to_string(), NOW);
+        self.settle();
+    }
+
+    fn join(&mut self, on: usize, conn: ConnId, room: &str) -> Value {
+        self.send(on, conn, json!({"type": "join", "payload": {"room": room}}));
+        let frames = self.drain(on, conn);
+        assert_eq!(kinds(&frames), ["joined"], "{frames:?}");
+        frames[0]["payload"].clone()
+    }
+
+    fn drain(&mut self, on: usize, conn: ConnId) -> Vec<Value> {
+        let Some(queue) = self.loops[on].outbound_mut(conn) else {
+            return Vec::new();
+        };
+        let bytes = queue.to_vec();
+        queue.clear();
+        let mut frames = Vec::new();
+        let mut rest = &bytes[..];
+        while rest.len() >= 2 {
+            let (header, len) = match rest[1] & 0x7f {
+                126 => (4, usize::from(u16::from_be_bytes([rest[2], rest[3]]))),
+                n => (2, usize::from(n)),
+            };
+            frames.push(serde_json::from_slice(&rest[header..header + len]).unwrap());
+            rest = &rest[header + len..];
+        }
+        frames
+    }
+}
+
+fn config() -> HubConfig {
+    HubConfig {
+        history: 100,
+        max_rooms_per_connection: 10,
+        typing_timeout_ms: 6000,
+        heartbeat_ms: 0,
+        pong_timeout_ms: 10_000,
+        rate_limit: 0,
+        rate_burst: 100,
+        marks: Marks {
+            soft: 256 * 1024,
+            hard: 4 * 1024 * 1024,
+        },
+        verifier: Verifier::new(b"secret"),
+    }
+}
+
+fn kinds(frames: &[Value]) -> Vec<String> {
+    frames
+        .iter()
+        .map(|f| f["type"].as_str().unwrap_or("?").to_string())
+        .collect()
+}
+
+fn message(room: &str, content: i64, id: &str) -> Value {
+    json!({"type": "message", "id": id, "payload": {"room": room, "content": content}})
+}
+
+#[test]
+fn one_seq_order_for_members_on_every_loop() {
+    let mut process = Process::new(2);
+    process.connect(0, 1, "alice");
+    process.connect(1, 1, "bob");
+    assert_eq!(process.join(0, 1, "r")["count"], 1);
+    // Bob's join goes to the room's home (loop 0) and comes back.
+    assert_eq!(process.join(1, 1, "r")["count"], 2);
+    assert_eq!(kinds(&process.drain(0, 1)), ["user_joined"]);
+    // Both publish; each gets its ack and every message once, in one order.
+    process.send(1, 1, message("r", 1, "b1"));
+    process.send(0, 1, message("r", 2, "a1"));
+    process.send(1, 1, message("r", 3, "b2"));
+    let alice = process.drain(0, 1);
+    let bob = process.drain(1, 1);
+    let seqs = |frames: &[Value]| -> Vec<(u64, i64)> {
+        frames
+            .iter()
+            .filter(|f| f["type"] == "message")
+            .map(|f| {
+                (
+                    f["payload"]["seq"].as_u64().unwrap(),
+                    f["payload"]["content"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(seqs(&alice), [(1, 1), (2, 2), (3, 3)]);
+    assert_eq!(seqs(&alice), seqs(&bob));
+    let acks: Vec<u64> = bob
+        .iter()
+        .filter(|f| f["type"] == "ack")
+        .map(|f| f["payload"]["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(acks, [1, 3], "Bob's acks, from the room's home: {bob:?}");
+    for hub in &process.loops {
+        hub.check_invariants().unwrap();
+    }
+}
+
+#[test]
+fn a_user_with_tabs_on_two_loops_is_one_user() {
+    let mut process = Process::new(2);
+    process.connect(0, 1, "carol");
+    process.join(0, 1, "r");
+    process.connect(0, 2, "dave");
+    process.connect(1, 2, "dave");
+    assert_eq!(process.join(0, 2, "r")["count"], 2);
+    assert_eq!(process.join(1, 2, "r")["count"], 2, "dave's second tab");
+    // Carol was told once.
+    let told = process.drain(0, 1);
+    assert_eq!(kinds(&told), ["user_joined"], "{told:?}");
+    // Presence from the other loop merges the tabs.
+    process.send(
+        1,
+        2,
+        json!({"type": "presence", "id": "p", "payload": {"room": "r"}}),
+    );
+    let presence = process.drain(1, 2);
+    let dave = presence[0]["payload"]["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|user| user["id"] == "dave")
+        .cloned()
+        .unwrap();
+    assert_eq!(dave["connections"], 2, "{presence:?}");
+    // One tab closes: no user_left; the second: one.
+    process.loops[1].disconnect(2, NOW);
+    process.settle();
+    assert!(process.drain(0, 1).is_empty());
+    process.loops[0].disconnect(2, NOW);
+    process.settle();
+    let left = process.drain(0, 1);
+    assert_eq!(kinds(&left), ["user_left"]);
+    assert_eq!(left[0]["payload"]["count"], 1);
+}
+
+#[test]
+fn a_direct_reaches_every_loop_and_counts_them() {
+    let mut process = Process::new(3);
+    process.connect(0, 1, "erin");
+    process.connect(1, 1, "frank");
+    process.connect(2, 1, "frank");
+    process.send(
+        0,
+        1,
+        json!({"type": "direct", "id": "d", "payload": {"to": "frank", "content": "hi"}}),
+    );
+    assert_eq!(kinds(&process.drain(0, 1)), ["ack"]);
+    for on in [1, 2] {
+        assert_eq!(kinds(&process.drain(on, 1)), ["direct"]);
+    }
+    process.send(
+        0,
+        1,
+        json!({"type": "direct", "id": "n", "payload": {"to": "nobody", "content": 1}}),
+    );
+    let refused = process.drain(0, 1);
+    assert_eq!(refused[0]["payload"]["code"], "user_offline");
+}
+
+#[test]
+fn a_room_on_one_loop_sends_no_mail() {
+    let mut process = Process::new(2);
+    process.connect(1, 1, "gina");
+    process.connect(1, 3, "hal");
+    process.join(1, 1, "quiet");
+    process.join(1, 3, "quiet");
+    process.drain(1, 1);
+    process.loops[1].receive_text(1, &message("quiet", 1, "m").to_string(), NOW);
+    let mut mail = Vec::new();
+    if let Some(loops) = process.loops[1].backplane_mut::<LoopsBackplane>() {
+        loops.take_outgoing(&mut mail);
+    }
+    assert!(
+        mail.is_empty(),
+        "a room whose members share a loop: {mail:?}"
+    );
+    assert_eq!(kinds(&process.drain(1, 1)), ["message", "ack"]);
+    assert_eq!(kinds(&process.drain(1, 3)), ["message"]);
+}

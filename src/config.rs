@@ -59,6 +59,12 @@ pub struct ServerArgs {
     /// Event loops (threads serving connections); default: the cores this process may use.
     #[arg(long, env = "ROOMCAST_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: Option<u16>,
+    /// TLS certificate chain (PEM); with --tls-key the port speaks TLS only.
+    #[arg(long, env = "ROOMCAST_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// TLS private key (PEM: PKCS#8, PKCS#1 or SEC1), for --tls-cert.
+    #[arg(long, env = "ROOMCAST_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
     /// HS256 secret for client tokens. Without it the server runs in demo mode with a random secret.
     #[arg(long, env = "ROOMCAST_JWT_SECRET", hide_env_values = true, value_parser = non_empty_secret)]
     pub jwt_secret: Option<String>,

@@ -55,6 +55,11 @@ fn serve(args: roomcast::config::ServerArgs) -> ExitCode {
     }
     let server = match Server::bind(args) {
         Ok(server) => server,
+        Err(error @ server::ServerError::Tls(_)) => {
+            // A certificate or key that cannot be used is a configuration error.
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
         Err(error) => {
             server::report(&error);
             return ExitCode::FAILURE;
@@ -64,15 +69,20 @@ fn serve(args: roomcast::config::ServerArgs) -> ExitCode {
     // The banner goes to standard output (§11); tests read the first line for
     // the port. A closed or full standard output must not stop the server, so
     // write errors are ignored (`println!` would panic on a broken pipe).
+    let (http, ws) = if server.uses_tls() {
+        ("https", "wss")
+    } else {
+        ("http", "ws")
+    };
     let mut banner = format!(
-        "roomcast listening on http://{address}\nopen http://{}/ in a browser for the demo chat\n",
+        "roomcast listening on {http}://{address}\nopen {http}://{}/ in a browser for the demo chat\n",
         browsable(address)
     );
     if let Some(token) = server.demo_token("demo") {
         banner.push_str("demo mode: no --jwt-secret given, a random secret is in use\n");
-        banner.push_str(&format!("connect: ws://{address}/ws?token={token}\n"));
+        banner.push_str(&format!("connect: {ws}://{address}/ws?token={token}\n"));
         banner.push_str(&format!(
-            "more guest tokens: http://{address}/demo/token?name=YOUR_NAME\n"
+            "more guest tokens: {http}://{address}/demo/token?name=YOUR_NAME\n"
         ));
     }
     let mut out = std::io::stdout().lock();

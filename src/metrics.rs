@@ -81,6 +81,8 @@ pub struct Metrics {
     pub slow_consumers_closed: u64,
     /// Bytes written to client sockets.
     pub bytes_sent: u64,
+    /// TLS handshakes that failed (plain HTTP or garbage on the TLS port).
+    pub tls_handshake_failures: u64,
     /// Refused HTTP requests, by reason (index of `RejectReason::ALL`).
     pub handshakes_rejected: [u64; RejectReason::ALL.len()],
     /// Loop iteration times.
@@ -139,6 +141,7 @@ impl Metrics {
         }
         self.slow_consumers_closed += other.slow_consumers_closed;
         self.bytes_sent += other.bytes_sent;
+        self.tls_handshake_failures += other.tls_handshake_failures;
         for (total, count) in self
             .handshakes_rejected
             .iter_mut()
@@ -222,6 +225,12 @@ impl Metrics {
                 "Bytes written to client sockets.",
                 "counter",
                 self.bytes_sent,
+            ),
+            Family::plain(
+                "tls_handshake_failures_total",
+                "TLS handshakes that failed (plain HTTP or garbage on the TLS port).",
+                "counter",
+                self.tls_handshake_failures,
             ),
         ];
         if let Some(up) = gauges.redis_up {

@@ -18,6 +18,7 @@ use mio::{Interest, Token};
 use super::connection::{Connection, Phase};
 use super::peers::LoopMail;
 use super::server::{EventLoop, ServerTimer};
+use super::transport::Transport;
 use crate::hub::Millis;
 use crate::outbound::OutboundQueue;
 
@@ -173,13 +174,21 @@ impl EventLoop {
             warn!("cannot register connection from {peer}: {error}");
             return;
         }
+        let tls = self.shared.tls_config();
+        let transport = match Transport::new(socket, tls.as_ref()) {
+            Ok(transport) => transport,
+            Err(error) => {
+                warn!("cannot start TLS for {peer}: {error}");
+                return;
+            }
+        };
         let deadline = now.saturating_add(self.args.handshake_timeout_ms);
         self.next_serial += 1;
         entry.insert(Connection {
             serial: self.next_serial,
             awaiting_api: None,
             read_again_queued: false,
-            socket,
+            transport,
             phase: Phase::Http {
                 head: Vec::new(),
                 response: OutboundQueue::new(),

@@ -3,9 +3,9 @@
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 
-use mio::net::TcpStream;
 use tungstenite::protocol::WebSocketContext;
 
+use super::transport::Transport;
 use crate::hub::Millis;
 use crate::outbound::OutboundQueue;
 
@@ -40,7 +40,8 @@ pub(super) enum Phase {
 }
 
 pub(super) struct Connection {
-    pub(super) socket: TcpStream,
+    /// The socket, with TLS over it when the server has a certificate.
+    pub(super) transport: Transport,
     pub(super) phase: Phase,
     /// Shut the write side once the queue is empty.
     pub(super) close_when_flushed: bool,
@@ -107,7 +108,7 @@ impl SharedInput {
     /// Refills the buffer with one `read` from `socket`, within the turn's
     /// allowance. `WouldBlock` once the allowance is spent (`turn_used_up`
     /// says so) or a trusted short read said the socket is empty.
-    pub(super) fn refill(&mut self, socket: &mut TcpStream) -> io::Result<usize> {
+    pub(super) fn refill(&mut self, transport: &mut Transport) -> io::Result<usize> {
         if self.socket_drained {
             return Err(io::ErrorKind::WouldBlock.into());
         }
@@ -118,11 +119,14 @@ impl SharedInput {
         self.reads_left -= 1;
         self.start = 0;
         self.end = 0;
-        let read = socket.read(&mut self.buffer)?;
+        let read = transport.read(&mut self.buffer)?;
         self.end = read;
         // The same rule as nginx's `ready = 0` and tokio's readiness
         // clearing after a short read: one syscall fewer per message.
-        self.socket_drained = self.trust_short_reads && read > 0 && read < self.buffer.len();
+        self.socket_drained = self.trust_short_reads
+            && transport.trusts_short_reads()
+            && read > 0
+            && read < self.buffer.len();
         Ok(read)
     }
 }
@@ -131,7 +135,7 @@ impl SharedInput {
 /// parses frames from the first and its automatic replies land in the second, in
 /// order with everything else, so only the loop ever writes to the socket.
 pub(super) struct QueueStream<'a> {
-    pub(super) socket: &'a mut TcpStream,
+    pub(super) transport: &'a mut Transport,
     pub(super) input: &'a mut SharedInput,
     pub(super) queue: &'a mut OutboundQueue,
 }
@@ -142,7 +146,7 @@ impl Read for QueueStream<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let input = &mut *self.input;
         if input.start >= input.end {
-            input.refill(self.socket)?;
+            input.refill(self.transport)?;
         }
         let available = input.buffer.get(input.start..input.end).unwrap_or_default();
         let count = available.len().min(buf.len());

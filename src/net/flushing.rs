@@ -1,8 +1,6 @@
 //! Writing queued bytes: each connection with something queued is written
 //! once per loop iteration, as much as its socket takes.
 
-use std::net::Shutdown;
-
 use log::debug;
 
 use super::connection::{CLOSE_LINGER_MS, Phase};
@@ -38,7 +36,7 @@ impl EventLoop {
         if queue.is_empty() && !connection.close_when_flushed {
             return;
         }
-        match queue.write_to(&mut connection.socket, &mut self.staging) {
+        match connection.transport.write_queue(queue, &mut self.staging) {
             Ok(written) => {
                 self.hub.metrics_mut().bytes_sent += written as u64;
                 if written > 0 {
@@ -70,7 +68,7 @@ impl EventLoop {
         let Some(connection) = self.connections.get_mut(key) else {
             return;
         };
-        let _ = connection.socket.shutdown(Shutdown::Write);
+        connection.transport.shutdown_write();
         connection.phase = Phase::Lingering;
         // The session is over: its `--max-connections` slot is free again.
         if std::mem::take(&mut connection.counted) {

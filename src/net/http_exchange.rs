@@ -43,6 +43,7 @@ impl EventLoop {
         }
         let mut chunk = [0u8; 4096];
         let mut peer_closed = false;
+        let mut tls_failed = false;
         let mut at_cap = false;
         loop {
             // Read at most a little past the cap: enough to know a request is too large.
@@ -50,7 +51,8 @@ impl EventLoop {
                 at_cap = true;
                 break;
             }
-            match connection.socket.read(&mut chunk) {
+            let handshaking = connection.transport.handshaking();
+            match connection.transport.read(&mut chunk) {
                 Ok(0) => {
                     peer_closed = true;
                     break;
@@ -63,10 +65,25 @@ impl EventLoop {
                         "connection {key} ({}): read failed: {error}",
                         connection.peer
                     );
+                    // Plain HTTP or garbage on the TLS port (§13).
+                    tls_failed = handshaking && error.kind() == io::ErrorKind::InvalidData;
                     peer_closed = true;
                     break;
                 }
             }
+        }
+        if connection.transport.take_handshake_done() {
+            // The request head that follows gets its own timeout (§13).
+            let deadline = now.saturating_add(self.args.handshake_timeout_ms);
+            connection.deadline = Some(deadline);
+            self.timers.schedule(deadline, ServerTimer::Deadline(key));
+        }
+        if tls_failed {
+            self.hub.metrics_mut().tls_handshake_failures += 1;
+        }
+        if connection.transport.has_pending_output() {
+            // The handshake's answer: written at the end of the batch.
+            self.http_dirty.push(key);
         }
         while self.answer_next_request(key, now) {}
         let waiting = self

@@ -59,7 +59,10 @@ impl EventLoop {
     pub(super) fn free_finished(&mut self, now: Millis) {
         for key in self.to_free.drain(..) {
             if let Some(mut connection) = self.connections.try_remove(key) {
-                let _ = self.poll.registry().deregister(&mut connection.socket);
+                let _ = self
+                    .poll
+                    .registry()
+                    .deregister(connection.transport.socket_mut());
                 if connection.counted {
                     self.shared.release_connection();
                 }

@@ -29,8 +29,10 @@ mod persistence;
 mod process;
 pub mod server;
 mod shutdown;
+mod transport;
 mod websocket;
 
 pub use accept::{ACCEPT_PAUSE_MS, AcceptPause, Outage};
 pub use process::Server;
 pub use server::{ServerError, report};
+pub use transport::{TlsError, load_tls};

@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use log::debug;
 use mio::net::TcpStream;
@@ -34,9 +34,20 @@ pub struct Shared {
     pub peers: Vec<Peer>,
     /// `--state-file`: every loop's rooms and the writer thread.
     pub keeper: Option<Mutex<Keeper>>,
+    /// `--tls-cert`/`--tls-key`: the configuration new connections use,
+    /// replaced when SIGHUP reloads the files.
+    pub tls: Option<Mutex<Arc<rustls::ServerConfig>>>,
 }
 
 impl Shared {
+    /// The TLS configuration for a new connection, when TLS is on.
+    pub fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        let tls = self.tls.as_ref()?;
+        Some(Arc::clone(
+            &tls.lock().unwrap_or_else(PoisonError::into_inner),
+        ))
+    }
+
     /// Takes one of `--max-connections` slots; false when none is left.
     pub fn reserve_connection(&self, max: usize) -> bool {
         self.connections

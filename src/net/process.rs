@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use log::{error, warn};
 use mio::{Interest, Poll};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use tungstenite::protocol::WebSocketConfig;
@@ -28,6 +28,7 @@ use super::server::{
     CODEC_BUFFER_SIZE, DEMO_TOKEN_TTL_SECS, EventLoop, INBOX, LISTENER, SIGNALS, ServerError,
     now_ms,
 };
+use super::transport::load_tls;
 use crate::auth::{self, TokenClaims, Verifier};
 use crate::backplane::Backplane;
 use crate::backplane::local::LocalBackplane;
@@ -102,11 +103,16 @@ impl Server {
             }
             _ => None,
         };
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(Mutex::new(load_tls(cert, key)?)),
+            _ => None,
+        };
         let shared = Arc::new(Shared {
             connections: AtomicUsize::new(0),
             homes: Arc::new(RoomHomes::default()),
             peers,
             keeper,
+            tls,
         });
         let listener = listen(args.listen).map_err(|source| ServerError::Bind {
             address: args.listen,
@@ -141,7 +147,7 @@ impl Server {
                 Some(mut listener) => {
                     let registry = poll.registry();
                     registry.register(&mut listener, LISTENER, Interest::READABLE)?;
-                    let mut signals = Signals::new([SIGINT, SIGTERM])?;
+                    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
                     registry.register(&mut signals, SIGNALS, Interest::READABLE)?;
                     (Some(listener), Some(signals))
                 }
@@ -166,6 +172,11 @@ impl Server {
             local_address,
             demo_secret,
         })
+    }
+
+    /// Whether the port speaks TLS (`--tls-cert`/`--tls-key`).
+    pub fn uses_tls(&self) -> bool {
+        self.shared.tls.is_some()
     }
 
     /// The address actually bound (useful with port 0).

@@ -61,6 +61,9 @@ pub enum ServerError {
     /// The Redis bridge could not start (`--redis`).
     #[error("redis: {0}")]
     Redis(String),
+    /// `--tls-cert` / `--tls-key` cannot be used (exit 2: a configuration error).
+    #[error("{0}")]
+    Tls(#[from] super::transport::TlsError),
 }
 
 /// Reads the wall clock once; everything in one loop iteration shares it.

@@ -1,12 +1,15 @@
 //! SIGINT/SIGTERM: stop accepting, then drain every client over `--drain-ms`.
 
-use log::info;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use std::sync::PoisonError;
+
+use log::{error, info};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use super::connection::Phase;
 use super::peers::LoopMail;
 use super::server::{EventLoop, ServerTimer};
+use super::transport::load_tls;
 use crate::hub::Millis;
 
 /// The most a shutdown waits for clients to take their close frames.
@@ -19,9 +22,13 @@ impl EventLoop {
         let Some(signals) = self.signals.as_mut() else {
             return;
         };
-        let mut stop = false;
+        let (mut stop, mut reload) = (false, false);
         for signal in signals.pending() {
             stop |= signal == SIGINT || signal == SIGTERM;
+            reload |= signal == SIGHUP;
+        }
+        if reload {
+            self.reload_tls();
         }
         if !stop || self.shutting_down.is_some() {
             return;
@@ -31,6 +38,24 @@ impl EventLoop {
             self.mail(to, LoopMail::Drain { started: now });
         }
         self.begin_drain(now, now);
+    }
+
+    /// SIGHUP: reads the certificate and key again. New connections use the
+    /// new pair, open ones keep theirs; a pair that fails to load is logged
+    /// and the old one kept (§13: the certificate-renewal path).
+    fn reload_tls(&mut self) {
+        let (Some(cert), Some(key), Some(current)) =
+            (&self.args.tls_cert, &self.args.tls_key, &self.shared.tls)
+        else {
+            return;
+        };
+        match load_tls(cert, key) {
+            Ok(config) => {
+                *current.lock().unwrap_or_else(PoisonError::into_inner) = config;
+                info!("SIGHUP: reloaded {} and {}", cert.display(), key.display());
+            }
+            Err(error) => error!("SIGHUP: {error}; keeping the certificate in use"),
+        }
     }
 
     /// Stops accepting, then closes every client of this loop with 1001,

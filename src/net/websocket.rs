@@ -47,7 +47,7 @@ impl EventLoop {
                 return;
             };
             let mut stream = QueueStream {
-                socket: &mut connection.socket,
+                transport: &mut connection.transport,
                 input: &mut self.input,
                 queue,
             };
@@ -184,7 +184,7 @@ impl EventLoop {
             && let Some(queue) = self.hub.outbound_mut(key)
         {
             let mut stream = QueueStream {
-                socket: &mut connection.socket,
+                transport: &mut connection.transport,
                 input: &mut self.input,
                 queue,
             };
@@ -219,7 +219,7 @@ impl EventLoop {
         };
         self.input.reset(false);
         loop {
-            match self.input.refill(&mut connection.socket) {
+            match self.input.refill(&mut connection.transport) {
                 Ok(0) => break,
                 Ok(_) => continue,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {

@@ -5,8 +5,10 @@
 #
 #   benches/compare.sh WORKLOAD [harness flags…] [--reps N] [--servers a,b,…] [--port-base P] [--no-build]
 #                      [--out FILE.jsonl] [--max-other PCT [--retries N]] [--roomcast-flags "FLAGS"]
+#                      [--tls] [--insecure-skip-verify]
 #   benches/compare.sh fanout --rooms 1 --members 100 --rate 0 --size 128 --duration 5 --reps 3
 #   benches/compare.sh fanout --rooms 50 --members 20 --rate 0 --in-flight 4 --servers roomcast,roomcast:threads=2,tokio-tungstenite
+#   benches/compare.sh echo --clients 10 --servers roomcast,roomcast:tls,tokio-tungstenite,tokio-tungstenite:tls
 #
 # Servers: roomcast (target/release, --rate-limit 0, --threads 1), `baseline` (another
 # roomcast binary, ROOMCAST_BASELINE=PATH, same flags: a before/after of a
@@ -28,6 +30,15 @@
 # knows --threads runs with --threads 1. --roomcast-flags "FLAGS" adds FLAGS to
 # every roomcast and baseline server (words split on spaces). Ratios are to
 # `roomcast` if it runs, else to the first server.
+#
+# TLS (wss://): the spec suffix `:tls` (any server: roomcast:tls, roomcast:threads=2:tls,
+# tokio-tungstenite:tls) runs that server with --tls-cert/--tls-key and the harness with
+# wss://, as a column of its own (`roomcast-tls`), beside the plain ones: ws and wss on
+# the same workload in one interleaved run. --tls does it for every server (names
+# unchanged). One self-signed P-256 certificate (subjectAltName localhost and
+# 127.0.0.1) is made per run under target/bench-results/tls-<timestamp>/; the
+# harness trusts it with --ca, or accepts any certificate with --insecure-skip-verify.
+# node-ws has no TLS: its TLS columns are skipped with a note.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -47,6 +58,8 @@ out=""
 max_other=""
 retries=2
 roomcast_flags=""
+tls_all=0
+insecure=0
 args=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -65,13 +78,21 @@ while [[ $# -gt 0 ]]; do
         --retries=*) retries=${1#*=}; shift ;;
         --roomcast-flags) roomcast_flags=$2; shift 2 ;;
         --roomcast-flags=*) roomcast_flags=${1#*=}; shift ;;
-        --url|--url=*|--server-pid|--server-pid=*|--secret|--secret=*)
-            echo "compare.sh sets --url, --secret and --server-pid itself" >&2; exit 2 ;;
+        --tls) tls_all=1; shift ;;
+        --insecure-skip-verify) insecure=1; shift ;;
+        --url|--url=*|--server-pid|--server-pid=*|--secret|--secret=*|--ca|--ca=*)
+            echo "compare.sh sets --url, --secret, --server-pid and --ca itself" >&2; exit 2 ;;
         *) args+=("$1"); shift ;;
     esac
 done
 IFS=, read -r -a server_specs <<<"$servers"
 read -r -a extra_flags <<<"$roomcast_flags"
+for w in "${extra_flags[@]}"; do
+    if [[ $w == --tls-cert* || $w == --tls-key* ]]; then
+        echo "TLS is --tls or a :tls spec (compare.sh makes the certificate), not --roomcast-flags" >&2
+        exit 2
+    fi
+done
 
 # ---- server specs: NAME[:KEY=VALUE…] -> column name, base server, its own flags ------
 is_roomcast() { [[ $1 == roomcast || $1 == baseline ]]; }
@@ -80,6 +101,8 @@ declare -A base_of  # column name -> roomcast | baseline | peer name
 declare -A flags_of # column name -> its own flags (roomcast and baseline only)
 declare -A pin_of   # column name -> 1: add --threads 1 where the binary knows it
 declare -A spec_of  # column name -> the spec as given
+declare -A tls_of   # column name -> 1: TLS (--tls-cert/--tls-key, wss://)
+tls_peers=" tokio-tungstenite fastapi " # peers whose run.sh takes --tls-cert/--tls-key
 flag_given() { # flag words… : is --flag (or --flag=…) among the words?
     local flag=$1 w
     shift
@@ -91,18 +114,28 @@ for spec in "${server_specs[@]}"; do
     name=$base
     own=()
     pin=1
+    tls=$tls_all
     flag_given --threads "${extra_flags[@]}" && pin=0
     if [[ $spec == *:* ]]; then
-        if ! is_roomcast "$base"; then
-            echo "server options ($spec) are for roomcast and baseline only" >&2
-            exit 2
-        fi
         IFS=: read -r -a kvs <<<"${spec#*:}"
         for kv in "${kvs[@]}"; do
+            if [[ $kv == tls ]]; then
+                tls=1
+                name+="-tls"
+                continue
+            fi
+            if ! is_roomcast "$base"; then
+                echo "server options ($spec) are for roomcast and baseline only (any server takes :tls)" >&2
+                exit 2
+            fi
             key=${kv%%=*}
             value=${kv#*=}
             if [[ $kv != *=* || ! $key =~ ^[a-z][a-z0-9-]*$ || ! $value =~ ^[A-Za-z0-9._-]+$ ]]; then
-                echo "bad server option '$kv' in $spec (want KEY=VALUE, e.g. roomcast:threads=2)" >&2
+                echo "bad server option '$kv' in $spec (want KEY=VALUE or tls, e.g. roomcast:threads=2:tls)" >&2
+                exit 2
+            fi
+            if [[ $key == tls-cert || $key == tls-key ]]; then
+                echo "TLS is the spec suffix :tls ($base:tls); compare.sh makes the certificate" >&2
                 exit 2
             fi
             if flag_given "--$key" "${extra_flags[@]}"; then
@@ -128,6 +161,7 @@ for spec in "${server_specs[@]}"; do
     flags_of[$name]="${own[*]}"
     pin_of[$name]=$pin
     spec_of[$name]=$spec
+    tls_of[$name]=$tls
 done
 
 secret=roomcast-bench-secret-of-32-bytes
@@ -145,6 +179,35 @@ else
 fi
 noisy="$out.noisy"
 rel() { echo "${1#"$root"/}"; } # a path as shown: relative to the repository
+
+# ---- TLS: one self-signed certificate for the run ---------------------------------
+# rustls (the harness's --ca) verifies it as webpki does: the name must be a
+# subjectAltName (the CN is not read) and an end-entity certificate must not say
+# CA:TRUE, which `openssl req -x509` puts in by default.
+tls_cert="" tls_key=""
+tls_columns=()
+for name in "${server_list[@]}"; do
+    if [[ ${tls_of[$name]} == 1 ]]; then tls_columns+=("$name"); fi
+done
+if [[ ${#tls_columns[@]} -gt 0 ]]; then
+    tls_dir="$results/tls-$stamp"
+    mkdir -p "$tls_dir"
+    tls_cert="$tls_dir/cert.pem"
+    tls_key="$tls_dir/key.pem"
+    if ! openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+        -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+        -addext "basicConstraints=critical,CA:FALSE" \
+        -keyout "$tls_key" -out "$tls_cert" >"$tls_dir/openssl.log" 2>&1; then
+        echo "!! could not make a TLS certificate (openssl); see $(rel "$tls_dir/openssl.log")" >&2
+        exit 1
+    fi
+    if [[ $insecure == 1 ]]; then
+        tls_trust=(--insecure-skip-verify)
+    else
+        tls_trust=(--ca "$(rel "$tls_cert")") # the harness runs from the repository
+    fi
+    echo "== TLS (wss://) for ${tls_columns[*]}: certificate $(rel "$tls_cert") (P-256, self-signed); harness ${tls_trust[*]}" >&2
+fi
 
 bench="$root/target/release/roomcast-bench"
 server_bin="$root/target/release/roomcast"
@@ -218,40 +281,50 @@ roomcast_flags_of() {
     fi
 }
 
-# start_server NAME PORT LOG -> sets SERVER_PID; the process leads its own
+# start_server NAME PORT LOG [plain] -> sets SERVER_PID; the process leads its own
 # process group (setsid without forking: we are not a group leader), and
-# run.sh execs the real server, so the PID is the server's.
+# run.sh execs the real server, so the PID is the server's. `plain`: without
+# TLS whatever the column says (preparing a peer).
 start_server() {
-    local name=$1 port=$2 log=$3
+    local name=$1 port=$2 log=$3 mode=${4:-}
     local base=${base_of[$name]}
-    local cmd
+    local cmd tls_flags=()
     SERVER_FLAGS=()
+    if [[ ${tls_of[$name]} == 1 && $mode != plain ]]; then
+        tls_flags=(--tls-cert "$tls_cert" --tls-key "$tls_key")
+    fi
     if is_roomcast "$base"; then
         local bin=$server_bin
         [[ $base == baseline ]] && bin=${ROOMCAST_BASELINE:?baseline needs ROOMCAST_BASELINE=PATH to a roomcast binary}
         roomcast_flags_of "$name" "$bin"
-        cmd=("$bin" --listen "127.0.0.1:$port" --jwt-secret "$secret" --rate-limit 0 "${buffers[@]}" --echo --log-level warn "${FLAGS[@]}")
+        cmd=("$bin" --listen "127.0.0.1:$port" --jwt-secret "$secret" --rate-limit 0 "${buffers[@]}" --echo --log-level warn "${FLAGS[@]}" "${tls_flags[@]}")
         SERVER_FLAGS=("${FLAGS[@]}")
     else
-        cmd=("$root/target/peers/$base/run.sh" --listen "127.0.0.1:$port" --jwt-secret "$secret" --rate-limit 0 "${buffers[@]}")
+        cmd=("$root/target/peers/$base/run.sh" --listen "127.0.0.1:$port" --jwt-secret "$secret" --rate-limit 0 "${buffers[@]}" "${tls_flags[@]}")
     fi
-    # The command without the program's path (no machine paths in the logs).
-    echo "# $name: ${cmd[*]:1}" >"$log"
+    # The command without the program's path (no machine paths in the logs:
+    # the certificate's, absolute for peers that change directory, shown relative).
+    local shown="${cmd[*]:1}"
+    echo "# $name: ${shown//"$root"\//}" >"$log"
     setsid "${cmd[@]}" >>"$log" 2>&1 </dev/null &
     SERVER_PID=$!
     started_pids+=("$SERVER_PID")
 }
 
-# wait_ready PID PORT TIMEOUT_S: /health where the server has one, else the TCP port.
+# wait_ready PID PORT TIMEOUT_S [tls]: /health where the server has one, else the TCP port.
 wait_ready() {
-    local pid=$1 port=$2 timeout=$3 t=0
+    local pid=$1 port=$2 timeout=$3 tls=${4:-0} t=0
     while ((t < timeout * 10)); do
         if [[ ! -d /proc/$pid ]] || [[ $(awk '{print $3}' /proc/$pid/stat 2>/dev/null) == Z ]]; then
             return 1
         fi
         if port_busy "$port"; then
             if command -v curl >/dev/null 2>&1; then
-                curl -s -m 1 -o /dev/null "http://127.0.0.1:$port/health" || true
+                if [[ $tls == 1 ]]; then
+                    curl -s -k -m 1 -o /dev/null "https://127.0.0.1:$port/health" || true
+                else
+                    curl -s -m 1 -o /dev/null "http://127.0.0.1:$port/health" || true
+                fi
             fi
             return 0
         fi
@@ -273,6 +346,12 @@ for base in $(printf '%s\n' "${base_of[@]}" | sort -u); do
         mkdir -p "$root/target/peers"
         cp -r "$shared_peers/$name" "$root/target/peers/$name"
         chmod -R u+w "$root/target/peers/$name"
+    else
+        # Sources changed in ../shared since the copy (e.g. a peer that
+        # learnt --tls-cert; the tokio peer ignores flags it does not know)
+        # are copied again; unchanged ones keep their times, so nothing rebuilds.
+        cp -ru "$shared_peers/$name/." "$root/target/peers/$name/"
+        chmod -R u+w "$root/target/peers/$name"
     fi
     # Our copy sits under this workspace's directory: give a Rust peer its own
     # (empty) workspace so cargo does not take it for a member of ours.
@@ -283,27 +362,42 @@ for base in $(printf '%s\n' "${base_of[@]}" | sort -u); do
 done
 
 skip_reason() { # name -> prints why this server cannot run the workload
-    local name=$1
-    if ! is_roomcast "${base_of[$name]}" && [[ $wants_echo_endpoint == 1 ]]; then
+    local name=$1 base=${base_of[$name]}
+    if ! is_roomcast "$base" && [[ $wants_echo_endpoint == 1 ]]; then
         echo "no /echo endpoint"
+    elif [[ ${tls_of[$name]} == 1 ]] && ! is_roomcast "$base" && [[ $tls_peers != *" $base "* ]]; then
+        echo "no TLS: $base takes no --tls-cert/--tls-key"
+    elif [[ ${tls_of[$name]} == 1 && $base == baseline ]] \
+        && ! "${ROOMCAST_BASELINE:-/nonexistent}" --help 2>/dev/null | grep -q -- '--tls-cert'; then
+        echo "no TLS: the baseline binary has no --tls-cert"
     fi
 }
 
+declare -A prepared # peer -> 1 once built/installed
 for name in "${server_list[@]}"; do
-    is_roomcast "${base_of[$name]}" && continue
+    base=${base_of[$name]}
+    is_roomcast "$base" && continue
     [[ -n $(skip_reason "$name") ]] && continue
-    # one preparation per peer, whatever the columns
-    [[ $name == "${base_of[$name]}" ]] || continue
+    # one preparation per peer, whatever the columns (started plain, even
+    # for a TLS column)
+    [[ -z ${prepared[$base]:-} ]] || continue
+    prepared[$base]=1
     port=$(free_port "$port_base")
-    echo "== preparing $name (first start builds/installs; log: $(rel "$logs/$name-prepare.log"))" >&2
-    start_server "$name" "$port" "$logs/$name-prepare.log"
+    echo "== preparing $base (first start builds/installs; log: $(rel "$logs/$base-prepare.log"))" >&2
+    start_server "$name" "$port" "$logs/$base-prepare.log" plain
     if ! wait_ready "$SERVER_PID" "$port" 1200; then
-        echo "!! $name did not start; see $(rel "$logs/$name-prepare.log")" >&2
-        tail -20 "$logs/$name-prepare.log" >&2 || true
+        echo "!! $base did not start; see $(rel "$logs/$base-prepare.log")" >&2
+        tail -20 "$logs/$base-prepare.log" >&2 || true
         stop_server "$SERVER_PID"
         exit 1
     fi
     stop_server "$SERVER_PID"
+done
+
+for name in "${server_list[@]}"; do
+    if [[ ${tls_of[$name]} == 1 && ${base_of[$name]} == fastapi && -z $(skip_reason "$name") ]]; then
+        echo "-- note: fastapi with TLS runs on asyncio's own loop, not uvloop (its README, §13): $name differs from fastapi in more than TLS" >&2
+    fi
 done
 
 # ---- the runs, interleaved ----------------------------------------------------------
@@ -316,14 +410,19 @@ run_once() {
     [[ $attempt -gt 1 ]] && log="$logs/$stamp-$name-$rep-try$attempt.log"
     start_server "$name" "$port" "$log"
     pid=$SERVER_PID
-    if ! wait_ready "$pid" "$port" 120; then
+    local scheme=ws trust=()
+    if [[ ${tls_of[$name]} == 1 ]]; then
+        scheme=wss
+        trust=("${tls_trust[@]}")
+    fi
+    if ! wait_ready "$pid" "$port" 120 "${tls_of[$name]}"; then
         echo "!! rep $rep $name: server did not start (log $(rel "$log"))" >&2
         stop_server "$pid"
         LINE=$(printf '{"workload":"%s","ok":false,"error":"server did not start"}' "$workload")
     else
         sleep 0.3
         set +e
-        LINE=$("$bench" "$workload" --url "ws://127.0.0.1:$port" --secret "$secret" --server-pid "$pid" \
+        LINE=$("$bench" "$workload" --url "$scheme://127.0.0.1:$port" "${trust[@]}" --secret "$secret" --server-pid "$pid" \
             --json-only "${args[@]}" 2>>"$log" | grep '^{' | tail -1)
         set -e
         stop_server "$pid"
@@ -332,13 +431,14 @@ run_once() {
         fi
     fi
     # server_spec: as given in --servers; server_flags: what this roomcast got
-    # beyond the flags every server gets.
-    LINE=$(NAME="$name" SPEC="${spec_of[$name]}" REP="$rep" ATTEMPT="$attempt" python3 -c '
+    # beyond the flags every server gets (the TLS pair aside: server_tls).
+    LINE=$(NAME="$name" SPEC="${spec_of[$name]}" REP="$rep" ATTEMPT="$attempt" TLS="${tls_of[$name]}" python3 -c '
 import json, os, sys
 d = json.loads(sys.stdin.readline())
 d["server_name"] = os.environ["NAME"]
 d["server_spec"] = os.environ["SPEC"]
 d["server_flags"] = sys.stdin.read().split()
+d["server_tls"] = os.environ["TLS"] == "1"
 d["rep"] = int(os.environ["REP"])
 if os.environ["ATTEMPT"] != "1":
     d["attempt"] = int(os.environ["ATTEMPT"])

@@ -15,6 +15,7 @@ mod report;
 mod rooms;
 mod run;
 mod sys;
+mod tls;
 
 use std::process::ExitCode;
 
@@ -41,9 +42,20 @@ pub struct Cli {
 pub struct Common {
     /// Base WebSocket URL; the harness appends /ws?token=… or /echo?token=…
     /// A comma-separated list spreads connections over several nodes (user n
-    /// on node n mod count, so members of a room alternate between nodes)
+    /// on node n mod count, so members of a room alternate between nodes).
+    /// wss://… speaks TLS and needs --ca or --insecure-skip-verify
     #[arg(long, global = true, default_value = "ws://127.0.0.1:8080")]
     pub url: String,
+    /// wss://: trust the certificates in this PEM file (the server's own
+    /// self-signed certificate, or its CA); the certificate must hold the
+    /// URL's host as a subjectAltName (IP 127.0.0.1, DNS localhost…)
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca: Option<String>,
+    /// wss://: UNSAFE, accept any certificate for any name (the handshake
+    /// signature is still checked). Only for benchmarks against a
+    /// self-signed test certificate on loopback
+    #[arg(long, global = true, conflicts_with = "ca")]
+    pub insecure_skip_verify: bool,
     /// HS256 secret the server was started with (--jwt-secret)
     #[arg(long, global = true, default_value = "bench-secret")]
     pub secret: String,
@@ -231,5 +243,31 @@ mod tests {
         };
         assert_eq!(f.rooms, 2);
         assert!(Cli::try_parse_from(["roomcast-bench", "--threads", "2", "idle"]).is_ok());
+    }
+
+    #[test]
+    fn trust_flags_exclude_each_other() {
+        let cli = Cli::try_parse_from([
+            "roomcast-bench",
+            "echo",
+            "--url",
+            "wss://127.0.0.1:9400",
+            "--ca",
+            "cert.pem",
+        ])
+        .unwrap();
+        assert_eq!(cli.common.ca.as_deref(), Some("cert.pem"));
+        assert!(!cli.common.insecure_skip_verify);
+        assert!(Cli::try_parse_from(["roomcast-bench", "idle", "--insecure-skip-verify"]).is_ok());
+        assert!(
+            Cli::try_parse_from([
+                "roomcast-bench",
+                "idle",
+                "--ca",
+                "x.pem",
+                "--insecure-skip-verify"
+            ])
+            .is_err()
+        );
     }
 }

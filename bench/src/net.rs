@@ -6,14 +6,24 @@
 //! scratch buffer per thread; only a frame split across two reads is copied
 //! (its head is kept in the connection's `rbuf`). Client frames are masked
 //! with a per-connection key, as RFC 6455 requires.
+//!
+//! `wss://` adds a rustls session per connection, driven sans-IO by the same
+//! loop: a socket read (ciphertext) is fed to rustls and the plaintext it
+//! gives goes to the same parser; queued plaintext goes into rustls and its
+//! ciphertext to the socket until the socket would block, and the next
+//! writable event carries on. A plain `ws://` connection has no session and
+//! takes exactly the path it took before.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection};
 
 const SCRATCH: usize = 64 * 1024;
 /// A server head larger than this is not an HTTP answer we understand.
@@ -36,6 +46,9 @@ pub enum Closed {
     ByUs,
     /// The handler gave up on it (e.g. the upgrade took too long).
     TimedOut,
+    /// TLS failed: the handshake (an untrusted certificate, a name the
+    /// certificate does not hold) or a bad record. rustls's message.
+    Tls(String),
 }
 
 impl Closed {
@@ -49,6 +62,7 @@ impl Closed {
             Closed::Error(k) => format!("error:{k:?}"),
             Closed::ByUs => "by_us".into(),
             Closed::TimedOut => "timed_out".into(),
+            Closed::Tls(e) => format!("tls:{e}"),
         }
     }
 }
@@ -79,6 +93,8 @@ pub enum State {
 
 pub struct Conn {
     stream: TcpStream,
+    /// `wss://`: the connection's TLS session (None for `ws://`).
+    tls: Option<Box<ClientConnection>>,
     pub state: State,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
@@ -103,6 +119,15 @@ pub struct Target {
     /// Nodes after the first (`--url a,b,…`): connections are spread over
     /// all of them by user number, so each room has members on every node.
     pub others: Vec<(SocketAddr, String)>,
+    /// `wss://` (every node alike): connections speak TLS.
+    pub secure: bool,
+    /// The TLS server name of each node, first node first: SNI (a DNS name
+    /// only; rustls sends none for an IP address) and the name the
+    /// certificate must hold.
+    pub server_names: Vec<ServerName<'static>>,
+    /// The client configuration for `wss://`, set by the caller from the
+    /// trust flags (`--ca`, `--insecure-skip-verify`).
+    pub tls: Option<Arc<ClientConfig>>,
 }
 
 impl Target {
@@ -123,11 +148,17 @@ impl Target {
                 }),
         }
     }
+
+    /// Node `index`'s TLS server name (modulo the number of nodes).
+    pub fn server_name(&self, index: usize) -> ServerName<'static> {
+        self.server_names[index % self.server_names.len()].clone()
+    }
 }
 
-/// Parses `ws://HOST:PORT[/…]`, or several of them separated by commas (the
-/// nodes of a cluster), and refuses every host that is not loopback: this
-/// harness generates load and must never point it anywhere else.
+/// Parses `ws://HOST:PORT[/…]` or `wss://…`, or several of them separated
+/// by commas (the nodes of a cluster, all of one scheme), and refuses every
+/// host that is not loopback: this harness generates load and must never
+/// point it anywhere else. A `wss://` target still needs its `tls` config.
 pub fn parse_target(url: &str) -> Result<Target, String> {
     let mut nodes = url.split(',').map(|one| parse_one(one.trim()));
     let mut target = nodes.next().ok_or("empty --url")??;
@@ -136,24 +167,35 @@ pub fn parse_target(url: &str) -> Result<Target, String> {
         if node.addr.is_ipv4() != target.addr.is_ipv4() {
             return Err("--url nodes must all be IPv4 or all IPv6".into());
         }
+        if node.secure != target.secure {
+            return Err("--url nodes must all be ws:// or all wss://".into());
+        }
         target.others.push((node.addr, node.host_header));
+        target.server_names.extend(node.server_names);
     }
     Ok(target)
 }
 
 fn parse_one(url: &str) -> Result<Target, String> {
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or_else(|| format!("--url must start with ws:// (got {url:?})"))?;
+    let (rest, secure) = if let Some(rest) = url.strip_prefix("ws://") {
+        (rest, false)
+    } else if let Some(rest) = url.strip_prefix("wss://") {
+        (rest, true)
+    } else {
+        return Err(format!(
+            "--url must start with ws:// or wss:// (got {url:?})"
+        ));
+    };
+    let default_port = if secure { "443" } else { "80" };
     let hostport = rest.split('/').next().unwrap_or("");
     let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
         let end = v6.find(']').ok_or("bad IPv6 literal in --url")?;
-        let port = v6[end + 1..].strip_prefix(':').unwrap_or("80");
+        let port = v6[end + 1..].strip_prefix(':').unwrap_or(default_port);
         (&v6[..end], port)
     } else {
         match hostport.rsplit_once(':') {
             Some((h, p)) => (h, p),
-            None => (hostport, "80"),
+            None => (hostport, default_port),
         }
     };
     let port: u16 = port
@@ -170,10 +212,21 @@ fn parse_one(url: &str) -> Result<Target, String> {
             "refusing --url {url}: the harness only targets loopback addresses (127.0.0.0/8, localhost, ::1)"
         ));
     }
+    // SNI and the certificate's name: the host as written (`localhost`),
+    // an IP address as such.
+    let server_name = if host.eq_ignore_ascii_case("localhost") {
+        ServerName::try_from(host.to_ascii_lowercase())
+            .map_err(|e| format!("--url host {host:?}: {e}"))?
+    } else {
+        ServerName::IpAddress(ip.into())
+    };
     Ok(Target {
         addr: SocketAddr::new(ip, port),
         host_header: hostport.to_string(),
         others: Vec::new(),
+        secure,
+        server_names: vec![server_name],
+        tls: None,
     })
 }
 
@@ -188,6 +241,8 @@ pub struct Net {
     freed_in_batch: Vec<usize>,
     dirty: Vec<usize>,
     scratch: Box<[u8]>,
+    /// `wss://`: plaintext out of rustls (empty for `ws://`).
+    plain: Box<[u8]>,
     target: Target,
     sources: Vec<Ipv4Addr>,
     next_source: usize,
@@ -213,6 +268,7 @@ impl Net {
             freed_in_batch: Vec::new(),
             dirty: Vec::new(),
             scratch: vec![0u8; SCRATCH].into_boxed_slice(),
+            plain: vec![0u8; if target.secure { SCRATCH } else { 0 }].into_boxed_slice(),
             target,
             sources,
             next_source: 0,
@@ -243,6 +299,20 @@ impl Net {
     pub fn connect(&mut self, path_and_query: &str, node: usize, now: u64) -> io::Result<usize> {
         let (addr, host) = self.target.node(node);
         let host = host.to_string();
+        // The session first: its ClientHello waits in it for the socket.
+        let tls = if self.target.secure {
+            let config = self
+                .target
+                .tls
+                .as_ref()
+                .ok_or_else(|| io::Error::other("wss:// target without a TLS configuration"))?;
+            Some(Box::new(crate::tls::connect(
+                config,
+                self.target.server_name(node),
+            )?))
+        } else {
+            None
+        };
         let stream = self.open_socket(addr)?;
         let id = match self.free.pop() {
             Some(id) => id,
@@ -271,6 +341,7 @@ impl Net {
         );
         self.conns[id] = Some(Conn {
             stream,
+            tls,
             state: State::Connecting,
             rbuf: Vec::new(),
             wbuf: request.into_bytes(),
@@ -529,23 +600,19 @@ impl Net {
         if conn.state == State::Connecting {
             return true;
         }
-        while conn.wpos < conn.wbuf.len() {
-            match conn.stream.write(&conn.wbuf[conn.wpos..]) {
-                Ok(0) => break,
-                Ok(n) => conn.wpos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    let closing = conn.state == State::Closing;
-                    let why = if closing {
-                        Closed::ByUs
-                    } else {
-                        Closed::Error(e.kind())
-                    };
-                    self.fail(id, handler, why, now);
-                    return false;
-                }
-            }
+        let written = match conn.tls.as_deref_mut() {
+            None => write_plain(&mut conn.stream, &conn.wbuf, &mut conn.wpos),
+            Some(tls) => write_tls(tls, &mut conn.stream, &conn.wbuf, &mut conn.wpos),
+        };
+        if let Err(e) = written {
+            let closing = conn.state == State::Closing;
+            let why = if closing {
+                Closed::ByUs
+            } else {
+                Closed::Error(e.kind())
+            };
+            self.fail(id, handler, why, now);
+            return false;
         }
         if conn.wpos == conn.wbuf.len() {
             conn.wbuf.clear();
@@ -584,6 +651,7 @@ impl Net {
             if conn.paused {
                 return;
             }
+            let secure = conn.tls.is_some();
             let n = match conn.stream.read(&mut self.scratch) {
                 Ok(0) => {
                     let why = if conn.state == State::Closing {
@@ -608,7 +676,11 @@ impl Net {
                 }
             };
             now = crate::sys::now_ns();
-            let outcome = self.consume(id, n, handler, now);
+            let outcome = if secure {
+                self.consume_tls(id, n, handler, now)
+            } else {
+                self.consume(id, n, handler, now)
+            };
             match outcome {
                 Outcome::Continue => {}
                 Outcome::Close(why) => {
@@ -619,10 +691,12 @@ impl Net {
                     {
                         let mut frame = Vec::with_capacity(8);
                         write_frame(&mut frame, 0x8, &code.to_be_bytes(), conn.mask);
-                        let _ = conn.stream.write(&frame);
+                        conn.write_now(&frame);
                     }
                     let why = match (self.state(id), why) {
-                        (Some(State::Closing), Closed::CloseFrame(_)) => Closed::ByUs,
+                        // A TLS close_notify (Eof) after our close frame
+                        // is the end we asked for, as the socket's EOF is.
+                        (Some(State::Closing), Closed::CloseFrame(_) | Closed::Eof) => Closed::ByUs,
                         (_, w) => w,
                     };
                     self.fail(id, handler, why, now);
@@ -633,6 +707,7 @@ impl Net {
                 // A short read drained the socket; epoll (edge-triggered)
                 // reports the next arrival as a new event. Not when this
                 // event also said the peer hung up: no later one will.
+                // (With TLS too: every byte read went into rustls.)
                 return;
             }
         }
@@ -649,51 +724,202 @@ impl Net {
         let Some(Some(conn)) = conns.get_mut(id) else {
             return Outcome::Continue;
         };
-        let fresh = &scratch[..n];
-        if conn.state == State::Upgrading {
-            conn.rbuf.extend_from_slice(fresh);
-            let Some(end) = memchr::memmem::find(&conn.rbuf, b"\r\n\r\n") else {
-                if conn.rbuf.len() > MAX_HEAD {
-                    return Outcome::Close(Closed::HttpStatus(0));
+        consume_plaintext(id, &scratch[..n], conn, dirty, handler, now)
+    }
+
+    /// `wss://`: feeds `n` fresh bytes of ciphertext in the scratch buffer
+    /// to connection `id`'s TLS session and hands the plaintext it yields to
+    /// the parser, record by record. rustls takes a few KiB per `read_tls`,
+    /// so the bytes go in over several rounds, each followed by
+    /// `process_new_packets` and reading out the plaintext (which keeps
+    /// rustls's received-plaintext buffer from filling). What rustls wants
+    /// to send (handshake messages, an alert, our queued request once the
+    /// handshake is done) goes out with the dirty connections after the
+    /// event batch.
+    fn consume_tls<H: Handler>(
+        &mut self,
+        id: usize,
+        n: usize,
+        handler: &mut H,
+        now: u64,
+    ) -> Outcome {
+        let Net {
+            conns,
+            scratch,
+            plain,
+            dirty,
+            ..
+        } = self;
+        let Some(Some(conn)) = conns.get_mut(id) else {
+            return Outcome::Continue;
+        };
+        // Out of the connection while the parser borrows it; put back below.
+        let Some(mut tls) = conn.tls.take() else {
+            return Outcome::Continue;
+        };
+        let mut input: &[u8] = &scratch[..n];
+        let outcome = 'feed: loop {
+            loop {
+                match tls.reader().read(plain) {
+                    // close_notify, and nothing left to read.
+                    Ok(0) => break 'feed Outcome::Close(Closed::Eof),
+                    Ok(m) => {
+                        if let Outcome::Close(why) =
+                            consume_plaintext(id, &plain[..m], conn, dirty, handler, now)
+                        {
+                            break 'feed Outcome::Close(why);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => break 'feed Outcome::Close(Closed::Error(e.kind())),
                 }
-                return Outcome::Continue;
-            };
-            let status = parse_status(&conn.rbuf[..end]);
-            if status != 101 {
-                return Outcome::Close(Closed::HttpStatus(status));
             }
-            conn.rbuf.drain(..end + 4);
-            conn.state = State::Open;
-            handler.on_open(id, now);
-            let buf = std::mem::take(&mut conn.rbuf);
-            let (used, out) = parse_frames(id, &buf, conn, dirty, handler, now);
-            conn.rbuf = buf;
-            conn.rbuf.drain(..used);
-            return out;
+            if input.is_empty() {
+                break Outcome::Continue;
+            }
+            match tls.read_tls(&mut input) {
+                // After close_notify rustls takes nothing more.
+                Ok(0) => break Outcome::Continue,
+                Ok(_) => {}
+                Err(e) => break Outcome::Close(Closed::Error(e.kind())),
+            }
+            if let Err(e) = tls.process_new_packets() {
+                // Send the alert rustls prepared, best effort.
+                while tls.wants_write() {
+                    if !matches!(tls.write_tls(&mut conn.stream), Ok(n) if n > 0) {
+                        break;
+                    }
+                }
+                break Outcome::Close(Closed::Tls(e.to_string()));
+            }
+            crate::tls::note_negotiated(&tls);
+        };
+        if (tls.wants_write() || conn.wpos < conn.wbuf.len()) && !conn.dirty {
+            conn.dirty = true;
+            dirty.push(id);
         }
-        if conn.rbuf.is_empty() {
-            let (used, out) = parse_frames(id, fresh, conn, dirty, handler, now);
-            if used < fresh.len() {
-                conn.rbuf.extend_from_slice(&fresh[used..]);
+        conn.tls = Some(tls);
+        outcome
+    }
+}
+
+/// Processes fresh plaintext (the socket's bytes, or rustls's) for `conn`:
+/// the upgrade answer while upgrading, then frames.
+fn consume_plaintext<H: Handler>(
+    id: usize,
+    fresh: &[u8],
+    conn: &mut Conn,
+    dirty: &mut Vec<usize>,
+    handler: &mut H,
+    now: u64,
+) -> Outcome {
+    if conn.state == State::Upgrading {
+        conn.rbuf.extend_from_slice(fresh);
+        let Some(end) = memchr::memmem::find(&conn.rbuf, b"\r\n\r\n") else {
+            if conn.rbuf.len() > MAX_HEAD {
+                return Outcome::Close(Closed::HttpStatus(0));
             }
-            out
-        } else {
-            let mut buf = std::mem::take(&mut conn.rbuf);
-            buf.extend_from_slice(fresh);
-            let (used, out) = parse_frames(id, &buf, conn, dirty, handler, now);
-            buf.drain(..used);
-            if buf.capacity() > 1 << 20 && buf.len() < 64 * 1024 {
-                buf.shrink_to(128 * 1024);
-            }
-            conn.rbuf = buf;
-            out
+            return Outcome::Continue;
+        };
+        let status = parse_status(&conn.rbuf[..end]);
+        if status != 101 {
+            return Outcome::Close(Closed::HttpStatus(status));
         }
+        conn.rbuf.drain(..end + 4);
+        conn.state = State::Open;
+        handler.on_open(id, now);
+        let buf = std::mem::take(&mut conn.rbuf);
+        let (used, out) = parse_frames(id, &buf, conn, dirty, handler, now);
+        conn.rbuf = buf;
+        conn.rbuf.drain(..used);
+        return out;
+    }
+    if conn.rbuf.is_empty() {
+        let (used, out) = parse_frames(id, fresh, conn, dirty, handler, now);
+        if used < fresh.len() {
+            conn.rbuf.extend_from_slice(&fresh[used..]);
+        }
+        out
+    } else {
+        let mut buf = std::mem::take(&mut conn.rbuf);
+        buf.extend_from_slice(fresh);
+        let (used, out) = parse_frames(id, &buf, conn, dirty, handler, now);
+        buf.drain(..used);
+        if buf.capacity() > 1 << 20 && buf.len() < 64 * 1024 {
+            buf.shrink_to(128 * 1024);
+        }
+        conn.rbuf = buf;
+        out
     }
 }
 
 enum Outcome {
     Continue,
     Close(Closed),
+}
+
+/// Writes `wbuf[wpos..]` to the socket until done or it would block.
+#[inline]
+fn write_plain(stream: &mut TcpStream, wbuf: &[u8], wpos: &mut usize) -> io::Result<()> {
+    while *wpos < wbuf.len() {
+        match stream.write(&wbuf[*wpos..]) {
+            Ok(0) => break,
+            Ok(n) => *wpos += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `wss://`: moves `wbuf[wpos..]` into rustls as far as it takes it (64 KiB
+/// of ciphertext waiting at most; before the handshake is done, as much
+/// plaintext, sent once it is) and writes rustls's ciphertext (handshake
+/// messages included) to the socket until done or it would block. What
+/// rustls does not take stays in `wbuf`, so [`Net::backlog`] still sees it;
+/// the next writable event carries on.
+fn write_tls(
+    tls: &mut ClientConnection,
+    stream: &mut TcpStream,
+    wbuf: &[u8],
+    wpos: &mut usize,
+) -> io::Result<()> {
+    loop {
+        if *wpos < wbuf.len() {
+            *wpos += tls.writer().write(&wbuf[*wpos..])?;
+        }
+        if !tls.wants_write() {
+            return Ok(());
+        }
+        match tls.write_tls(stream) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl Conn {
+    /// Sends `bytes` at once, outside the queue, best effort (the answer to
+    /// a server's close frame, just before the socket is dropped).
+    fn write_now(&mut self, bytes: &[u8]) {
+        match self.tls.as_deref_mut() {
+            None => {
+                let _ = self.stream.write(bytes);
+            }
+            Some(tls) => {
+                let _ = tls.writer().write_all(bytes);
+                while tls.wants_write() {
+                    if !matches!(tls.write_tls(&mut self.stream), Ok(n) if n > 0) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn parse_status(head: &[u8]) -> u16 {
@@ -1088,6 +1314,26 @@ mod tests {
         assert_eq!(two.node(2).1, "127.0.0.1:9400");
         assert!(parse_target("ws://127.0.0.1:9400,ws://10.0.0.1:9400").is_err());
         assert!(parse_target("ws://127.0.0.1:9400,ws://[::1]:9400").is_err());
+    }
+
+    #[test]
+    fn tls_targets() {
+        let plain = parse_target("ws://127.0.0.1:9400").unwrap();
+        assert!(!plain.secure);
+        let ip = parse_target("wss://127.0.0.1:9400").unwrap();
+        assert!(ip.secure);
+        assert_eq!(ip.addr.to_string(), "127.0.0.1:9400");
+        assert!(matches!(ip.server_name(0), ServerName::IpAddress(_)));
+        let name = parse_target("wss://localhost").unwrap();
+        assert_eq!(name.addr.port(), 443);
+        assert_eq!(name.host_header, "localhost");
+        assert!(matches!(name.server_name(0), ServerName::DnsName(d) if d.as_ref() == "localhost"));
+        let two = parse_target("wss://127.0.0.1:9400,wss://localhost:9401").unwrap();
+        assert!(matches!(two.server_name(1), ServerName::DnsName(_)));
+        assert!(matches!(two.server_name(2), ServerName::IpAddress(_)));
+        assert!(parse_target("wss://127.0.0.1:9400,ws://127.0.0.1:9401").is_err());
+        assert!(parse_target("wss://10.0.0.1:9400").is_err());
+        assert!(parse_target("https://127.0.0.1:9400").is_err());
     }
 
     #[test]

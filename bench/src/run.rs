@@ -29,13 +29,17 @@ pub fn run(cli: &Cli) -> Report {
         Workload::Churn(_) => "churn",
     };
     let mut r = Report::new(name, &cli.common.url);
-    let target = match parse_target(&cli.common.url) {
+    let mut target = match parse_target(&cli.common.url) {
         Ok(t) => t,
         Err(e) => {
             r.error = Some(e);
             return r;
         }
     };
+    if let Err(e) = setup_tls(&cli.common, &mut target, &mut r) {
+        r.error = Some(e);
+        return r;
+    }
     if let Some(pid) = cli.common.server_pid
         && !sys::process_alive(pid)
     {
@@ -182,10 +186,65 @@ pub fn run(cli: &Cli) -> Report {
     } else {
         r.warn("no --server-pid: the server's CPU and memory were not measured");
     }
+    if target.secure {
+        r.section("tls");
+        let negotiated = crate::tls::negotiated().unwrap_or("no handshake finished");
+        r.fig(
+            "tls_negotiated",
+            "negotiated (first handshake)",
+            negotiated,
+            negotiated.to_string(),
+        );
+    }
     if let Err(e) = result {
         r.error = Some(e);
     }
     r
+}
+
+/// `wss://`: the client configuration from the trust flags, and the run's
+/// params (`tls`, `tls_verify`). `ws://` with a trust flag only warns.
+fn setup_tls(c: &Common, target: &mut Target, r: &mut Report) -> Result<(), String> {
+    let trust = match (&c.ca, c.insecure_skip_verify) {
+        (Some(path), _) => Some(crate::tls::Trust::Ca(path.clone())),
+        (None, true) => Some(crate::tls::Trust::InsecureSkipVerify),
+        (None, false) => None,
+    };
+    r.params.put("tls", target.secure);
+    if !target.secure {
+        if trust.is_some() {
+            r.warn("--ca / --insecure-skip-verify are unused: --url is ws://, not wss://");
+        }
+        return Ok(());
+    }
+    let trust = trust.ok_or(
+        "wss:// needs --ca FILE (the server's certificate or its CA, PEM) or --insecure-skip-verify",
+    )?;
+    r.params.put("tls_verify", trust.label());
+    if matches!(trust, crate::tls::Trust::InsecureSkipVerify) {
+        r.warn("--insecure-skip-verify: the server's certificate was not verified (benchmarks against a test certificate only)");
+    }
+    target.tls = Some(crate::tls::client_config(&trust)?);
+    Ok(())
+}
+
+/// Hints for connections that failed in TLS.
+fn tls_hints(r: &mut Report, fails: &Tally) {
+    if !fails.keys().any(|k| k.starts_with("tls:")) {
+        return;
+    }
+    if fails
+        .keys()
+        .any(|k| k.contains("NotValidForName") || k.contains("CaUsedAsEndEntity"))
+    {
+        r.warn(
+            "TLS: the certificate does not fit --ca verification; a self-signed one needs \
+             subjectAltName with the URL's host (IP:127.0.0.1, DNS:localhost) and basicConstraints \
+             CA:FALSE (openssl req -x509 … -addext subjectAltName=… -addext basicConstraints=critical,CA:FALSE)",
+        );
+    } else {
+        r.warn("TLS handshakes failed: is --ca the server's certificate (or its CA)?");
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -675,6 +734,7 @@ fn run_rooms(
         if fails.keys().any(|k| k.starts_with("http_401")) {
             r.warn("401 from the server: is --secret the server's --jwt-secret?");
         }
+        tls_hints(r, &fails);
         if fails.keys().any(|k| k.starts_with("http_404")) && k.echo_endpoint {
             r.warn("404 on /echo: start the server with --echo");
         }
@@ -1164,6 +1224,8 @@ fn run_pool(
     let sock_before = sys::sockstat();
     let rss_before = pid.and_then(sys::rss_bytes);
     let fds_before = pid.and_then(sys::open_fds);
+    // The harness's own memory per connection (its side of TLS, with wss://).
+    let client_rss_before = sys::rss_bytes(std::process::id());
     let shared = Arc::new(Shared::new(threads));
     let rooms = Arc::new(
         (0..rooms_n.max(1))
@@ -1293,6 +1355,7 @@ fn run_pool(
     let ready = shared.sum(|p| &p.ready);
     let setup_secs = (now_ns() - t0) as f64 / 1e9;
     let rss_after = pid.and_then(sys::rss_bytes);
+    let client_rss_after = sys::rss_bytes(std::process::id());
     let sock_after = sys::sockstat();
     let fds_after = pid.and_then(sys::open_fds);
     let mut rss = RssLog::default();
@@ -1419,6 +1482,7 @@ fn run_pool(
         tally_json(&failed),
         format!("{} ({})", failed_n, tally_text(&failed)),
     );
+    tls_hints(r, &failed);
     let connect_window = if setup_done > t0 {
         (setup_done - t0) as f64 / 1e9
     } else {
@@ -1498,6 +1562,19 @@ fn run_pool(
                 r.fig("server_rss_end", "server RSS after hold", e, bytes(e));
                 r.server.put("rss_end", e);
             }
+        }
+        if let (Some(b), Some(a)) = (client_rss_before, client_rss_after)
+            && ready > 0
+        {
+            let per = (a as f64 - b as f64) / ready as f64;
+            r.fig(
+                "client_rss_per_conn_bytes",
+                "harness RSS per connection",
+                round(per, 1),
+                format!("{per:.0} B"),
+            );
+            r.client.put("rss_before", b);
+            r.client.put("rss_after", a);
         }
         let kb = sock_before.mem_bytes;
         let ka = sock_after.mem_bytes;

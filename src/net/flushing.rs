@@ -33,7 +33,12 @@ impl EventLoop {
         let Some(queue) = queue else {
             return;
         };
-        if queue.is_empty() && !connection.close_when_flushed {
+        // With TLS the queue may be empty while ciphertext still waits in
+        // rustls for the socket (the last batch, a handshake reply).
+        if queue.is_empty()
+            && !connection.close_when_flushed
+            && !connection.transport.has_pending_output()
+        {
             return;
         }
         match connection.transport.write_queue(queue, &mut self.staging) {
@@ -53,10 +58,11 @@ impl EventLoop {
                 return;
             }
         }
-        let flushed = match &connection.phase {
-            Phase::Http { response, .. } => response.is_empty(),
-            _ => self.hub.outbound_mut(key).is_none_or(|q| q.is_empty()),
-        };
+        let flushed = !connection.transport.has_pending_output()
+            && match &connection.phase {
+                Phase::Http { response, .. } => response.is_empty(),
+                _ => self.hub.outbound_mut(key).is_none_or(|q| q.is_empty()),
+            };
         if flushed && connection.close_when_flushed {
             self.finish_flushed(key);
         }

@@ -78,6 +78,17 @@ pub fn load_tls(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> 
     // deprecated for that); aws-lc-rs, which has, would need cmake to build.
     #[allow(deprecated)]
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // A PEM block that decodes but is no usable key is the key file's fault,
+    // not a mismatch with the certificate.
+    if let Err(error) = provider
+        .key_provider
+        .load_private_key(private_key.clone_key())
+    {
+        return Err(TlsError::Key {
+            path: key_name,
+            reason: error.to_string(),
+        });
+    }
     let mismatch = |reason: String| TlsError::Mismatch {
         cert: cert_name.clone(),
         key: key_name.clone(),

@@ -62,12 +62,8 @@ impl TestServer {
         let mut reader = BufReader::new(stdout);
         let mut first = String::new();
         reader.read_line(&mut first).expect("banner");
-        let addr = first
-            .trim()
-            .rsplit("http://")
-            .next()
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected banner line {first:?}"));
+        let addr =
+            banner_address(&first).unwrap_or_else(|| panic!("unexpected banner line {first:?}"));
         let mut banner = Vec::new();
         // The demo banner is printed right after the first line; read what is there.
         if extra.iter().all(|a| *a != "--jwt-secret") {
@@ -175,6 +171,17 @@ impl Drop for TestServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The address in the banner's first line, `roomcast listening on
+/// http://ADDR` or, with `--tls-cert`/`--tls-key` (§13), `https://ADDR`.
+pub fn banner_address(line: &str) -> Option<SocketAddr> {
+    let line = line.trim();
+    let rest = line
+        .rsplit_once("https://")
+        .or_else(|| line.rsplit_once("http://"))?
+        .1;
+    rest.parse().ok()
 }
 
 /// The variable that chooses how many event loops every test server runs.

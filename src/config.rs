@@ -77,6 +77,9 @@ pub struct ServerArgs {
     /// Most upgraded WebSocket connections at once; more get 503.
     #[arg(long, env = "ROOMCAST_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
+    /// Most open connections of one user (`sub`) on this node; more get 429 (0: no limit).
+    #[arg(long, env = "ROOMCAST_MAX_CONNECTIONS_PER_USER", default_value_t = 0)]
+    pub max_connections_per_user: usize,
     /// Largest message (and frame) a client may send, in bytes; larger closes with 1009.
     #[arg(long, env = "ROOMCAST_MAX_MESSAGE_SIZE", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_message_size: u64,

@@ -32,7 +32,8 @@ const PROTOCOL_REASONS: [&str; 10] = [
 ];
 
 /// The two extra reasons the README adds for the server API.
-const API_REASONS: [&str; 2] = ["api_disabled", "payload_too_large"];
+/// Reasons the server documents beyond §11's (`user_limit` is §14.4's).
+const API_REASONS: [&str; 3] = ["api_disabled", "payload_too_large", "user_limit"];
 
 // ---------------------------------------------------------------------------
 // A small HTTP/1.1 client that frames responses by Content-Length

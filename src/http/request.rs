@@ -50,12 +50,15 @@ pub enum RejectReason {
     ApiDisabled,
     /// A request body over `--max-message-size` (`413`).
     PayloadTooLarge,
+    /// `--max-connections-per-user` connections of the token's user already
+    /// open (`429`, §14.4); decided by the shell after the token check.
+    UserLimit,
 }
 
 impl RejectReason {
     /// Every reason, so the metrics can be registered at 0 before the first
     /// rejection happens.
-    pub const ALL: [RejectReason; 12] = [
+    pub const ALL: [RejectReason; 13] = [
         RejectReason::TooLarge,
         RejectReason::BadRequest,
         RejectReason::NotFound,
@@ -68,6 +71,7 @@ impl RejectReason {
         RejectReason::Timeout,
         RejectReason::ApiDisabled,
         RejectReason::PayloadTooLarge,
+        RejectReason::UserLimit,
     ];
 
     /// The `reason` label of `roomcast_handshakes_rejected_total` and the key in
@@ -86,6 +90,7 @@ impl RejectReason {
             RejectReason::Timeout => "timeout",
             RejectReason::ApiDisabled => "api_disabled",
             RejectReason::PayloadTooLarge => "payload_too_large",
+            RejectReason::UserLimit => "user_limit",
         }
     }
 
@@ -104,6 +109,7 @@ impl RejectReason {
             RejectReason::Timeout => 408,
             RejectReason::ApiDisabled => 403,
             RejectReason::PayloadTooLarge => 413,
+            RejectReason::UserLimit => 429,
         }
     }
 }

@@ -53,13 +53,16 @@ fn labels_statuses_and_all_are_consistent() {
             "unauthorized",
             "timeout",
             "api_disabled",
-            "payload_too_large"
+            "payload_too_large",
+            "user_limit"
         ]
     );
     let statuses: Vec<u16> = RejectReason::ALL.iter().map(|r| r.status()).collect();
     assert_eq!(
         statuses,
-        [431, 400, 404, 405, 426, 426, 403, 503, 401, 408, 403, 413]
+        [
+            431, 400, 404, 405, 426, 426, 403, 503, 401, 408, 403, 413, 429
+        ]
     );
 }
 

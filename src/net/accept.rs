@@ -197,6 +197,7 @@ impl EventLoop {
             deadline: Some(deadline),
             freeing: false,
             counted: false,
+            user_slot: None,
             peer,
         });
         self.timers.schedule(deadline, ServerTimer::Deadline(key));

@@ -56,6 +56,8 @@ pub(super) struct Connection {
     pub(super) awaiting_api: Option<bool>,
     /// It holds one of `--max-connections` slots (an upgraded WebSocket).
     pub(super) counted: bool,
+    /// The user whose `--max-connections-per-user` slot it holds.
+    pub(super) user_slot: Option<Box<str>>,
     /// Its read turn was used up and it waits in `EventLoop::read_again`.
     pub(super) read_again_queued: bool,
 }

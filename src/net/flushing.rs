@@ -80,6 +80,9 @@ impl EventLoop {
         if std::mem::take(&mut connection.counted) {
             self.shared.release_connection();
         }
+        if let Some(user) = connection.user_slot.take() {
+            self.shared.release_user(&user);
+        }
         if connection.deadline.is_none() {
             let deadline = now_ms() + CLOSE_LINGER_MS;
             connection.deadline = Some(deadline);

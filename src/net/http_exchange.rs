@@ -218,11 +218,26 @@ impl EventLoop {
             self.answer_http(key, Bytes::from(refusal), false, 0, now);
             return;
         }
+        // §14.4: after the token check, the user's own limit on the node.
+        let per_user = self.args.max_connections_per_user;
+        if !self.shared.reserve_user(&identity.user_id, per_user) {
+            self.shared.release_connection();
+            self.hub.metrics_mut().reject(RejectReason::UserLimit);
+            let refusal = http::refusal(RejectReason::UserLimit);
+            self.answer_http(key, Bytes::from(refusal), false, 0, now);
+            return;
+        }
         let Some(connection) = self.connections.get_mut(key) else {
             self.shared.release_connection();
+            if per_user > 0 {
+                self.shared.release_user(&identity.user_id);
+            }
             return;
         };
         connection.counted = true;
+        if per_user > 0 {
+            connection.user_slot = Some(identity.user_id.as_str().into());
+        }
         let Phase::Http { head, .. } = &mut connection.phase else {
             return;
         };

@@ -66,6 +66,9 @@ impl EventLoop {
                 if connection.counted {
                     self.shared.release_connection();
                 }
+                if let Some(user) = connection.user_slot.take() {
+                    self.shared.release_user(&user);
+                }
                 self.hub.release(key, now);
                 debug!("connection {key} ({}): freed", connection.peer);
             }

@@ -34,6 +34,9 @@ pub struct Shared {
     pub peers: Vec<Peer>,
     /// `--state-file`: every loop's rooms and the writer thread.
     pub keeper: Option<Mutex<Keeper>>,
+    /// Open connections of each user on the node (`--max-connections-per-user`,
+    /// §14.4): taken at the upgrade, given back at the close.
+    pub per_user: Mutex<std::collections::HashMap<Box<str>, usize>>,
     /// `--tls-cert`/`--tls-key`: the configuration new connections use,
     /// replaced when SIGHUP reloads the files.
     pub tls: Option<Mutex<Arc<rustls::ServerConfig>>>,
@@ -55,6 +58,32 @@ impl Shared {
                 (open < max).then_some(open + 1)
             })
             .is_ok()
+    }
+
+    /// Takes one of the user's `max` slots (0: no limit); false when the
+    /// user has `max` connections open already.
+    pub fn reserve_user(&self, user: &str, max: usize) -> bool {
+        if max == 0 {
+            return true;
+        }
+        let mut per_user = self.per_user.lock().unwrap_or_else(PoisonError::into_inner);
+        let open = per_user.entry(user.into()).or_insert(0);
+        if *open >= max {
+            return false;
+        }
+        *open += 1;
+        true
+    }
+
+    /// Gives one of the user's slots back.
+    pub fn release_user(&self, user: &str) {
+        let mut per_user = self.per_user.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(open) = per_user.get_mut(user) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                per_user.remove(user);
+            }
+        }
     }
 
     /// Gives a slot back.

@@ -112,6 +112,7 @@ impl Server {
             homes: Arc::new(RoomHomes::default()),
             peers,
             keeper,
+            per_user: Mutex::new(std::collections::HashMap::new()),
             tls,
         });
         let listener = listen(args.listen).map_err(|source| ServerError::Bind {

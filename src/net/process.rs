@@ -212,13 +212,29 @@ impl Server {
             let thread = std::thread::Builder::new()
                 .name(name)
                 .spawn(move || {
+                    let peers = Arc::clone(&shared);
                     let start = LoopStart {
                         shared,
                         args: &args,
                         verifier: &verifier,
                         demo_secret,
                     };
-                    EventLoop::start(seed, start)?.run()
+                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        EventLoop::start(seed, start)?.run()
+                    }));
+                    match served {
+                        Ok(outcome) => outcome,
+                        Err(_) => {
+                            // A loop that died takes the process down cleanly
+                            // (the others drain, the exit code says so, a
+                            // supervisor restarts it) rather than leaving its
+                            // share of connections dead while the rest serve.
+                            drain_everyone(&peers);
+                            Err(ServerError::Poll(std::io::Error::other(
+                                "an event loop panicked",
+                            )))
+                        }
+                    }
                 })
                 .map_err(ServerError::Poll)?;
             threads.push(thread);
@@ -252,6 +268,16 @@ impl Server {
                 .save_clean();
         }
         outcome
+    }
+}
+
+/// Tells every loop to drain now (a loop died).
+fn drain_everyone(shared: &Shared) {
+    let started = now_ms();
+    for peer in &shared.peers {
+        if peer.sender.send(vec![LoopMail::Drain { started }]).is_ok() {
+            let _ = mio::Waker::wake(&peer.waker);
+        }
     }
 }
 

@@ -1492,3 +1492,48 @@ fn echo_enforces_the_message_size_limit() {
         other => panic!("expected text, got {other:?}"),
     }
 }
+
+#[test]
+fn a_request_answered_as_the_drain_starts_gets_its_answer() {
+    // One loop, so that the request and the signal land in one batch, in
+    // the order they came: the request first.
+    let server = TestServer::start(&["--api-key", "k", "--drain-ms", "0", "--threads", "1"]);
+    let mut member = server.connect("member");
+    member.join("news");
+    let mut backend = TcpStream::connect(server.addr).unwrap();
+    backend.set_read_timeout(Some(WAIT)).unwrap();
+    let body = r#"{"room":"news","content":"last words"}"#;
+    let request = format!(
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let pid = server.pid().to_string();
+    Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .expect("kill -STOP");
+    await_stopped(server.pid());
+    backend.write_all(request.as_bytes()).unwrap();
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill -TERM");
+    Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .expect("kill -CONT");
+    // The publish took effect: the member gets the message...
+    let message = member.recv_type("message");
+    assert_eq!(message["payload"]["content"], "last words");
+    // ...and the backend its answer, before the connection closes.
+    let mut answer = Vec::new();
+    let _ = backend.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert_eq!(
+        status_of(&answer),
+        200,
+        "the answer was cut off: {answer:?}"
+    );
+    assert!(answer.contains(r#""seq":1"#), "{answer}");
+}

@@ -453,6 +453,8 @@ impl EventLoop {
             else {
                 continue;
             };
+            // A drain under way closes the connection after this answer.
+            let keep_alive = keep_alive && self.shutting_down.is_none();
             let (response, keep_alive) = self.api_response(answer, keep_alive);
             self.answer_http(key, Bytes::from(response), keep_alive, 0, now);
             if keep_alive {

@@ -85,7 +85,15 @@ impl EventLoop {
             };
             match connection.phase {
                 Phase::WebSocket { .. } if !connection.close_when_flushed => websockets.push(key),
-                Phase::Http { .. } if !connection.close_when_flushed => self.schedule_free(key),
+                // An idle keep-alive connection goes now; one with an answer
+                // queued or owed (a publish that took effect) gets it first.
+                Phase::Http { ref response, .. } if !connection.close_when_flushed => {
+                    if response.is_empty() && connection.awaiting_api.is_none() {
+                        self.schedule_free(key);
+                    } else {
+                        self.finish_http_after_answer(key);
+                    }
+                }
                 _ => {}
             }
         }
@@ -98,6 +106,17 @@ impl EventLoop {
             } else {
                 self.timers.schedule(at, ServerTimer::DrainClose(key));
             }
+        }
+    }
+
+    /// A plain HTTP connection whose answer is queued or still owed closes
+    /// once that answer is written, instead of being cut off by the drain.
+    fn finish_http_after_answer(&mut self, key: usize) {
+        if let Some(connection) = self.connections.get_mut(key) {
+            if connection.awaiting_api.is_none() {
+                connection.close_when_flushed = true;
+            }
+            self.http_dirty.push(key);
         }
     }
 

@@ -53,6 +53,9 @@ pub struct TokenArgs {
 /// Flags of the server (PROTOCOL §9).
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
+    /// A TOML file setting any of these flags (a flag or its variable wins over it).
+    #[arg(long, env = "ROOMCAST_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
     /// Address to listen on: IP:PORT or HOST:PORT (a host name is resolved).
     #[arg(long, env = "ROOMCAST_LISTEN", default_value = "127.0.0.1:8080", value_parser = listen_address)]
     pub listen: SocketAddr,
@@ -190,11 +193,70 @@ fn listen_address(value: &str) -> Result<SocketAddr, String> {
 /// `ROOMCAST_*` variable is reported with the variable's name, since clap
 /// names only the flag, which the user may never have typed.
 pub fn parse_command_line() -> Cli {
-    let arguments: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    match Cli::try_parse_from(&arguments) {
+    use clap::CommandFactory;
+    let mut arguments: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = parse_or_exit(&arguments, None);
+    let Some(path) = cli
+        .command
+        .is_none()
+        .then(|| cli.server.config.clone())
+        .flatten()
+    else {
+        return cli;
+    };
+    // The file's keys become the flags they stand for, for every flag given
+    // neither on the command line nor in the environment.
+    let Ok(matches) = Cli::command().try_get_matches_from(&arguments) else {
+        return cli;
+    };
+    match crate::config_file::file_arguments(&path, &matches) {
+        Ok(words) if words.is_empty() => cli,
+        Ok(words) => {
+            arguments.extend(words);
+            parse_or_exit(&arguments, Some(&path))
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Parses, or exits with clap's message, naming the environment variable or
+/// the config file's key a bad value came from.
+fn parse_or_exit(arguments: &[std::ffi::OsString], file: Option<&std::path::Path>) -> Cli {
+    match Cli::try_parse_from(arguments) {
         Ok(cli) => cli,
         Err(error) => {
-            if let Some((flag, variable)) = variable_behind(&error, &arguments) {
+            if let Some(file) = file
+                && let Some(flag) = invalid_flag(&error)
+            {
+                let key = flag
+                    .split_whitespace()
+                    .next()
+                    .and_then(|long| long.strip_prefix("--"))
+                    .map(|long| long.replace('-', "_"))
+                    .unwrap_or_default();
+                let typed = std::env::args_os().any(|argument| {
+                    argument.to_str().is_some_and(|argument| {
+                        argument.starts_with(&format!("--{}", key.replace('_', "-")))
+                    })
+                });
+                if !typed && !key.is_empty() {
+                    let quoted = format!("'{flag}'");
+                    let text = error.render().to_string().replacen(
+                        &quoted,
+                        &format!(
+                            "{quoted} (from the key `{key}` in --config {})",
+                            file.display()
+                        ),
+                        1,
+                    );
+                    eprint!("{text}");
+                    std::process::exit(2);
+                }
+            }
+            if let Some((flag, variable)) = variable_behind(&error, arguments) {
                 let quoted = format!("'{flag}'");
                 let text = error.render().to_string().replacen(
                     &quoted,
@@ -206,6 +268,15 @@ pub fn parse_command_line() -> Cli {
             }
             error.exit()
         }
+    }
+}
+
+/// The flag a value error is about, as clap names it (`--history <HISTORY>`).
+fn invalid_flag(error: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue};
+    match error.get(ContextKind::InvalidArg)? {
+        ContextValue::String(flag) => Some(flag.clone()),
+        _ => None,
     }
 }
 

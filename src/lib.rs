@@ -10,6 +10,7 @@ pub(crate) mod assets;
 pub mod auth;
 pub mod backplane;
 pub mod config;
+pub mod config_file;
 pub mod http;
 pub mod hub;
 pub(crate) mod metrics;

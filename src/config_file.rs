@@ -1,0 +1,148 @@
+//! `--config PATH` (PROTOCOL §14.1): a TOML file that sets any flag, keyed by
+//! the flag's name without dashes, `-` written `_`. A flag or its environment
+//! variable wins over the file, the file over the default. Strict: an
+//! unknown key, a value of the wrong type, or an unreadable file stops the
+//! start (exit 2) naming the key or the file.
+//!
+//! The file's values are turned into the command line they stand for and
+//! parsed by clap with the rest, so every flag's own checks apply to them.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use clap::parser::ValueSource;
+use clap::{ArgAction, ArgMatches, CommandFactory};
+
+use crate::config::Cli;
+
+/// Why the config file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    /// The file cannot be read.
+    #[error("--config {path}: {reason}")]
+    Unreadable {
+        /// The file.
+        path: String,
+        /// The OS error.
+        reason: String,
+    },
+    /// The file is not valid TOML.
+    #[error("--config {path}: not valid TOML: {reason}")]
+    NotToml {
+        /// The file.
+        path: String,
+        /// The parser's message (with the line).
+        reason: String,
+    },
+    /// A key that names no flag.
+    #[error("--config {path}: unknown key `{key}`")]
+    UnknownKey {
+        /// The file.
+        path: String,
+        /// The key.
+        key: String,
+    },
+    /// A value of a type the flag does not take.
+    #[error("--config {path}: key `{key}`: {reason}")]
+    WrongType {
+        /// The file.
+        path: String,
+        /// The key.
+        key: String,
+        /// What was expected.
+        reason: String,
+    },
+    /// A part of §14.1 this build does not have yet.
+    #[error("--config {path}: `{key}` is not supported by this build yet")]
+    Unsupported {
+        /// The file.
+        path: String,
+        /// The key.
+        key: String,
+    },
+}
+
+/// The command-line words the file's keys stand for, for every key whose
+/// flag was given neither on the command line nor in the environment.
+pub fn file_arguments(path: &Path, matches: &ArgMatches) -> Result<Vec<OsString>, ConfigFileError> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigFileError::Unreadable {
+        path: name.clone(),
+        reason: error.to_string(),
+    })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|error| ConfigFileError::NotToml {
+        path: name.clone(),
+        reason: error.to_string().trim().to_string(),
+    })?;
+    let command = Cli::command();
+    let mut words = Vec::new();
+    for (key, value) in &table {
+        if key == "namespace" {
+            return Err(ConfigFileError::Unsupported {
+                path: name,
+                key: key.clone(),
+            });
+        }
+        let argument = command
+            .get_arguments()
+            .find(|argument| argument.get_id() == key.as_str() && argument.get_long().is_some())
+            .filter(|_| key != "config");
+        let Some(argument) = argument else {
+            return Err(ConfigFileError::UnknownKey {
+                path: name,
+                key: key.clone(),
+            });
+        };
+        let given = matches!(
+            matches.value_source(key),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        );
+        let long = format!("--{}", argument.get_long().unwrap_or_default());
+        let wrong = |reason: &str| ConfigFileError::WrongType {
+            path: name.clone(),
+            key: key.clone(),
+            reason: reason.to_string(),
+        };
+        let mut own = Vec::new();
+        match (argument.get_action(), value) {
+            (ArgAction::SetTrue, toml::Value::Boolean(on)) => {
+                if *on {
+                    own.push(OsString::from(&long));
+                }
+            }
+            (ArgAction::SetTrue, _) => return Err(wrong("expected true or false")),
+            (ArgAction::Append, toml::Value::Array(items)) => {
+                for item in items {
+                    let toml::Value::String(item) = item else {
+                        return Err(wrong("expected an array of strings"));
+                    };
+                    own.push(OsString::from(&long));
+                    own.push(OsString::from(item));
+                }
+            }
+            (ArgAction::Append, toml::Value::String(item)) => {
+                own.push(OsString::from(&long));
+                own.push(OsString::from(item));
+            }
+            (ArgAction::Append, _) => {
+                return Err(wrong("expected a string or an array of strings"));
+            }
+            (_, toml::Value::String(text)) => {
+                own.push(OsString::from(&long));
+                own.push(OsString::from(text));
+            }
+            (_, toml::Value::Integer(number)) => {
+                own.push(OsString::from(&long));
+                own.push(OsString::from(number.to_string()));
+            }
+            (_, toml::Value::Boolean(_)) => {
+                return Err(wrong("expected a value, not true or false"));
+            }
+            (_, _) => return Err(wrong("expected a string or an integer")),
+        }
+        if !given {
+            words.extend(own);
+        }
+    }
+    Ok(words)
+}

@@ -9,6 +9,9 @@
 //!   token ends in `auth_error` and state "closed", or with `getToken` in a
 //!   fresh token and a session (needs only Node.js: 22+, or 20.10+ where the
 //!   global WebSocket is behind `--experimental-websocket`, passed when needed);
+//! - `client_over_wss_against_real_server`: `node --test tests/browser/wss.test.mjs`,
+//!   the same client against the binary serving TLS, with a certificate made
+//!   here and trusted through `NODE_EXTRA_CA_CERTS` (verification stays on);
 //! - `chat_page_in_headless_chromium`: `node tests/browser/chat.test.mjs`, the
 //!   page in Debian's Chromium through playwright-core against this crate's
 //!   `roomcast` binary, including a server restart (needs Node.js, npm and
@@ -157,6 +160,45 @@ fn client_auth_against_real_server() {
     assert!(
         out.status.success(),
         "web/roomcast.js against the roomcast binary failed:\n{}",
+        show(&out)
+    );
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn client_over_wss_against_real_server() {
+    if skipped("client_over_wss_against_real_server") {
+        return;
+    }
+    require(true, false, false);
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("certificate params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "roomcast wss test");
+    let key = rcgen::KeyPair::generate().expect("key pair");
+    let cert = params.self_signed(&key).expect("self-signed certificate");
+    let dir = std::env::temp_dir().join(format!("roomcast-wss-node-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    std::fs::write(&cert_path, cert.pem()).expect("write certificate");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+    let out = Command::new("node")
+        .args(node_websocket_flags())
+        .args(["--test", "tests/browser/wss.test.mjs"])
+        .env("ROOMCAST_BIN", env!("CARGO_BIN_EXE_roomcast"))
+        .env("ROOMCAST_TEST_CERT", &cert_path)
+        .env("ROOMCAST_TEST_KEY", &key_path)
+        .env("NODE_EXTRA_CA_CERTS", &cert_path)
+        .current_dir(root())
+        .output()
+        .expect("run node --test tests/browser/wss.test.mjs");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "web/roomcast.js over wss:// against the roomcast binary failed:\n{}",
         show(&out)
     );
     println!("{}", String::from_utf8_lossy(&out.stdout));

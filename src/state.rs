@@ -17,12 +17,14 @@
 //! file that cannot be read is moved aside, never overwritten, and the server
 //! starts fresh.
 
+use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread::JoinHandle;
 
+use bytes::Bytes;
 use log::error;
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +48,40 @@ pub struct RoomSnapshot {
     pub seq: u64,
     /// (seq, the `message` frame's JSON text), oldest first.
     pub history: Vec<(u64, String)>,
+}
+
+impl RoomSnapshot {
+    /// A room held as frames (`(seq, message frame)`, oldest first) as it is
+    /// saved: the frames' JSON text.
+    pub fn from_frames(
+        name: &str,
+        epoch: &str,
+        seq: u64,
+        history: &VecDeque<(u64, Bytes)>,
+    ) -> Self {
+        RoomSnapshot {
+            name: name.to_string(),
+            epoch: epoch.to_string(),
+            seq,
+            history: history
+                .iter()
+                .filter_map(|(seq, frame)| {
+                    crate::protocol::text_frame_payload(frame).map(|text| (*seq, text.to_string()))
+                })
+                .collect(),
+        }
+    }
+
+    /// The newest `keep` saved messages framed again, oldest first (a
+    /// smaller `--history` than the file's keeps the end).
+    pub fn history_frames(&self, keep: usize) -> VecDeque<(u64, Bytes)> {
+        let keep_from = self.history.len().saturating_sub(keep);
+        self.history
+            .iter()
+            .skip(keep_from)
+            .map(|(seq, text)| (*seq, crate::protocol::text_frame(text)))
+            .collect()
+    }
 }
 
 /// The file as it is written.

@@ -16,7 +16,7 @@ use super::{
     Reply, Retention, RoomRef, UserItem, UserRef,
 };
 use crate::hub::{EMPTY_ROOM_TTL_MS, Millis, random_epoch};
-use crate::protocol::{self, FrameBuilder};
+use crate::protocol::FrameBuilder;
 use crate::state::RoomSnapshot;
 
 /// A room's authority: what must be one for all its members.
@@ -58,18 +58,13 @@ impl LocalBackplane {
 
     /// Puts a saved room's epoch, seq and history under the room just opened.
     pub fn restore(&mut self, room: RoomRef<'_>, snapshot: RoomSnapshot) {
-        let keep_from = snapshot.history.len().saturating_sub(self.history);
+        let history = snapshot.history_frames(self.history);
         let Some(authority) = self.authority_mut(room) else {
             return;
         };
         authority.epoch = snapshot.epoch.into_boxed_str();
         authority.seq = snapshot.seq;
-        authority.history = snapshot
-            .history
-            .iter()
-            .skip(keep_from)
-            .map(|(seq, text)| (*seq, protocol::text_frame(text)))
-            .collect();
+        authority.history = history;
         self.changes += 1;
     }
 }
@@ -206,18 +201,7 @@ impl Backplane for LocalBackplane {
         self.rooms
             .iter()
             .flatten()
-            .map(|room| RoomSnapshot {
-                name: room.name.to_string(),
-                epoch: room.epoch.to_string(),
-                seq: room.seq,
-                history: room
-                    .history
-                    .iter()
-                    .filter_map(|(seq, frame)| {
-                        protocol::text_frame_payload(frame).map(|text| (*seq, text.to_string()))
-                    })
-                    .collect(),
-            })
+            .map(|room| RoomSnapshot::from_frames(&room.name, &room.epoch, room.seq, &room.history))
             .collect()
     }
 

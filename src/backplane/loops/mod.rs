@@ -28,7 +28,7 @@ use super::{
     Published, Reply, RequestId, Retention, RoomRef, RoomTraffic, UserItem, UserRef,
 };
 use crate::hub::{EMPTY_ROOM_TTL_MS, Millis, random_epoch};
-use crate::protocol::{self, FrameBuilder};
+use crate::protocol::FrameBuilder;
 use crate::state::RoomSnapshot;
 
 #[cfg(test)]
@@ -256,16 +256,10 @@ impl LoopsBackplane {
         if home != self.me {
             return;
         }
-        let keep_from = snapshot.history.len().saturating_sub(self.history);
         let mut authority = Authority::new(self.loops);
+        authority.history = snapshot.history_frames(self.history);
         authority.epoch = snapshot.epoch.into_boxed_str();
         authority.seq = snapshot.seq;
-        authority.history = snapshot
-            .history
-            .iter()
-            .skip(keep_from)
-            .map(|(seq, text)| (*seq, protocol::text_frame(text)))
-            .collect();
         authority.empty_since = Some(now);
         self.authorities
             .insert(snapshot.name.into_boxed_str(), authority);
@@ -832,17 +826,8 @@ impl Backplane for LoopsBackplane {
     fn export_rooms(&self) -> Vec<RoomSnapshot> {
         self.authorities
             .iter()
-            .map(|(name, room)| RoomSnapshot {
-                name: name.to_string(),
-                epoch: room.epoch.to_string(),
-                seq: room.seq,
-                history: room
-                    .history
-                    .iter()
-                    .filter_map(|(seq, frame)| {
-                        protocol::text_frame_payload(frame).map(|text| (*seq, text.to_string()))
-                    })
-                    .collect(),
+            .map(|(name, room)| {
+                RoomSnapshot::from_frames(name, &room.epoch, room.seq, &room.history)
             })
             .collect()
     }

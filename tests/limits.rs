@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use common::{Client, SECRET, TestServer, WAIT, now_secs, status_of, token, token_with};
 use roomcast::auth::TokenClaims;
 use serde_json::{Value, json};
-use socket2::{Domain, SockRef, Socket, Type};
+use socket2::SockRef;
 use tungstenite::Message;
 use tungstenite::protocol::CloseFrame;
 
@@ -214,27 +214,6 @@ impl RawWs {
     fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).expect("write");
     }
-}
-
-/// Connects to `/ws` as `sub` over a socket with a tiny receive buffer, so the
-/// server's writes to it stall as soon as the client stops reading.
-fn connect_small_rcvbuf(server: &TestServer, sub: &str) -> Client {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-    socket.connect(&server.addr.into()).expect("tcp connect");
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    stream.set_nodelay(true).unwrap();
-    let url = format!("ws://{}{}", server.addr, ws_path(sub));
-    let ws = match tungstenite::client(url.as_str(), stream) {
-        Ok((ws, _)) => ws,
-        Err(tungstenite::HandshakeError::Failure(error)) => panic!("upgrade: {error}"),
-        Err(tungstenite::HandshakeError::Interrupted(_)) => panic!("handshake interrupted"),
-    };
-    let mut client = Client { ws };
-    let welcome = client.recv();
-    assert_eq!(welcome["type"], "welcome", "{welcome}");
-    client
 }
 
 /// Reads until a frame of `kind` about `user` arrives.
@@ -627,7 +606,7 @@ fn slow_consumer_gets_lagged_for_the_gap_and_recovers_from_history() {
         "--rate-limit",
         "0",
     ]);
-    let mut stalled = connect_small_rcvbuf(&server, "stalled");
+    let mut stalled = server.connect_small_receive_buffer("stalled");
     let joined = stalled.join("feed");
     let epoch = joined["payload"]["epoch"].as_str().unwrap().to_string();
     let mut healthy = server.connect("healthy");
@@ -708,7 +687,7 @@ fn slow_consumer_gets_lagged_for_the_gap_and_recovers_from_history() {
 fn push_over_the_hard_mark(server: &TestServer) -> (Client, Client, u64) {
     let mut observer = server.connect("observer");
     observer.join("r");
-    let mut stalled = connect_small_rcvbuf(server, "stalled");
+    let mut stalled = server.connect_small_receive_buffer("stalled");
     stalled.join("r");
     recv_about(&mut observer, "user_joined", "stalled");
     let mut sender = server.connect("sender");
@@ -1193,7 +1172,7 @@ fn peer_closing_with_a_full_queue_leaves_the_room() {
     let server = TestServer::start(&["--rate-limit", "0"]);
     let mut observer = server.connect("observer");
     observer.join("r");
-    let mut doomed = connect_small_rcvbuf(&server, "doomed");
+    let mut doomed = server.connect_small_receive_buffer("doomed");
     doomed.join("r");
     doomed.join("flood");
     recv_about(&mut observer, "user_joined", "doomed");

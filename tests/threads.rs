@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use common::{Client, SECRET, TestServer, WAIT, token};
 use serde_json::{Value, json};
-use socket2::{Domain, Socket, Type};
+
 use tungstenite::Message;
 
 /// The loops every server of this file runs.
@@ -222,27 +222,6 @@ fn refused_status(result: Result<Client, tungstenite::Error>, what: &str) -> u16
         Err(other) => panic!("{what}: expected an HTTP refusal, got {other}"),
         Ok(_) => panic!("{what}: upgraded"),
     }
-}
-
-/// A client whose receive buffer is 4 KiB and which does not read: the
-/// server's writes to it soon stop being accepted by its socket.
-fn connect_small_rcvbuf(server: &TestServer, sub: &str) -> Client {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-    socket.connect(&server.addr.into()).expect("tcp connect");
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    stream.set_nodelay(true).unwrap();
-    let url = format!("ws://{}{}", server.addr, ws_path(sub));
-    let ws = match tungstenite::client(url.as_str(), stream) {
-        Ok((ws, _)) => ws,
-        Err(tungstenite::HandshakeError::Failure(error)) => panic!("upgrade: {error}"),
-        Err(tungstenite::HandshakeError::Interrupted(_)) => panic!("handshake interrupted"),
-    };
-    let mut client = Client { ws };
-    let welcome = client.recv();
-    assert_eq!(welcome["type"], "welcome", "{welcome}");
-    client
 }
 
 /// The number after `retry_ms=` in a close reason.
@@ -717,7 +696,7 @@ fn a_stuck_member_delays_no_member_on_any_loop() {
         "--rate-limit",
         "0",
     ]);
-    let mut stuck = connect_small_rcvbuf(&server, "stuck");
+    let mut stuck = server.connect_small_receive_buffer("stuck");
     stuck.join("feed");
     let mut healthy: Vec<Client> = (0..HEALTHY)
         .map(|i| {

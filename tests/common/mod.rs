@@ -100,6 +100,28 @@ impl TestServer {
         client
     }
 
+    /// Connects to `/ws` as `sub` over a socket with a 4 KiB receive buffer,
+    /// so the server's writes to it stall as soon as the client stops reading.
+    pub fn connect_small_receive_buffer(&self, sub: &str) -> Client {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        socket.connect(&self.addr.into()).expect("tcp connect");
+        let stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let url = format!("ws://{}/ws?token={}", self.addr, token(sub));
+        let ws = match tungstenite::client(url.as_str(), stream) {
+            Ok((ws, _)) => ws,
+            Err(tungstenite::HandshakeError::Failure(error)) => panic!("upgrade: {error}"),
+            Err(tungstenite::HandshakeError::Interrupted(_)) => panic!("handshake interrupted"),
+        };
+        let mut client = Client { ws };
+        let welcome = client.recv();
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        client
+    }
+
     /// Opens a WebSocket to `path` (path and query) without reading anything.
     pub fn open(&self, path: &str) -> Client {
         self.try_open(path)

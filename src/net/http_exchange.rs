@@ -442,42 +442,40 @@ impl EventLoop {
         let mut answers = std::mem::take(&mut self.api_answers);
         self.hub.take_api_answers(&mut answers);
         for (serial, answer) in answers.drain(..) {
-            let Some(key) = self.api_waiting.remove(&serial) else {
-                continue;
-            };
-            let Some(keep_alive) = self
-                .connections
-                .get_mut(key)
-                .filter(|c| c.serial == serial && !c.freeing)
-                .and_then(|c| c.awaiting_api.take())
-            else {
+            let Some((key, keep_alive)) = self.take_waiting(serial) else {
                 continue;
             };
             // A drain under way closes the connection after this answer.
             let keep_alive = keep_alive && self.shutting_down.is_none();
             let (response, keep_alive) = self.api_response(answer, keep_alive);
-            self.answer_http(key, Bytes::from(response), keep_alive, 0, now);
-            if keep_alive {
-                while self.answer_next_request(key, now) {}
-            }
+            self.answer_waiting(key, response, keep_alive, now);
         }
         self.api_answers = answers;
         for (serial, response) in std::mem::take(&mut self.plain_answers) {
-            let Some(key) = self.api_waiting.remove(&serial) else {
-                continue;
-            };
-            let Some(keep_alive) = self
-                .connections
-                .get_mut(key)
-                .filter(|c| c.serial == serial && !c.freeing)
-                .and_then(|c| c.awaiting_api.take())
-            else {
-                continue;
-            };
-            self.answer_http(key, Bytes::from(response), keep_alive, 0, now);
-            if keep_alive {
-                while self.answer_next_request(key, now) {}
+            if let Some((key, keep_alive)) = self.take_waiting(serial) {
+                self.answer_waiting(key, response, keep_alive, now);
             }
+        }
+    }
+
+    /// The connection (slab key) still waiting for the answer to request
+    /// `serial`, and whether that request asked to keep the connection alive;
+    /// `None` if it has gone since.
+    fn take_waiting(&mut self, serial: u64) -> Option<(usize, bool)> {
+        let key = self.api_waiting.remove(&serial)?;
+        let keep_alive = self
+            .connections
+            .get_mut(key)
+            .filter(|c| c.serial == serial && !c.freeing)
+            .and_then(|c| c.awaiting_api.take())?;
+        Some((key, keep_alive))
+    }
+
+    /// Sends a late answer, then the requests that queued behind it.
+    fn answer_waiting(&mut self, key: usize, response: Vec<u8>, keep_alive: bool, now: Millis) {
+        self.answer_http(key, Bytes::from(response), keep_alive, 0, now);
+        if keep_alive {
+            while self.answer_next_request(key, now) {}
         }
     }
 

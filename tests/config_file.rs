@@ -167,3 +167,47 @@ fn the_shipped_example_file_loads() {
     let server = TestServer::start(&["--config", example]);
     server.connect("reader").assert_alive();
 }
+
+#[test]
+fn relative_paths_in_the_file_are_taken_from_the_working_directory() {
+    // The pair sits in the working directory, not beside the file: a path
+    // taken from the file's folder would not be found and would exit 2.
+    let file = scratch(
+        "relative",
+        "tls_cert = \"cert.pem\"\ntls_key = \"key.pem\"\n",
+    );
+    let working = file.with_file_name("working");
+    std::fs::create_dir_all(&working).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(working.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(working.join("key.pem"), key.serialize_pem()).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_roomcast"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--jwt-secret",
+            SECRET,
+            "--log-level",
+            "warn",
+        ])
+        .args(["--config", file.to_str().unwrap()])
+        .current_dir(&working)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    let _ = BufReader::new(child.stdout.take().unwrap()).read_line(&mut first);
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut errors = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut errors);
+    assert!(
+        first.contains("listening on https://"),
+        "expected a TLS banner from the working directory's pair, got {first:?}; stderr: {errors}"
+    );
+}

@@ -98,51 +98,98 @@ pub fn file_arguments(path: &Path, matches: &ArgMatches) -> Result<Vec<OsString>
             Some(ValueSource::CommandLine | ValueSource::EnvVariable)
         );
         let long = format!("--{}", argument.get_long().unwrap_or_default());
-        let wrong = |reason: &str| ConfigFileError::WrongType {
-            path: name.clone(),
-            key: key.clone(),
-            reason: reason.to_string(),
-        };
-        let mut own = Vec::new();
-        match (argument.get_action(), value) {
-            (ArgAction::SetTrue, toml::Value::Boolean(on)) => {
-                if *on {
-                    own.push(OsString::from(&long));
-                }
+        let own = flag_words(argument.get_action(), &long, value).map_err(|reason| {
+            ConfigFileError::WrongType {
+                path: name.clone(),
+                key: key.clone(),
+                reason: reason.to_string(),
             }
-            (ArgAction::SetTrue, _) => return Err(wrong("expected true or false")),
-            (ArgAction::Append, toml::Value::Array(items)) => {
-                for item in items {
-                    let toml::Value::String(item) = item else {
-                        return Err(wrong("expected an array of strings"));
-                    };
-                    own.push(OsString::from(&long));
-                    own.push(OsString::from(item));
-                }
-            }
-            (ArgAction::Append, toml::Value::String(item)) => {
-                own.push(OsString::from(&long));
-                own.push(OsString::from(item));
-            }
-            (ArgAction::Append, _) => {
-                return Err(wrong("expected a string or an array of strings"));
-            }
-            (_, toml::Value::String(text)) => {
-                own.push(OsString::from(&long));
-                own.push(OsString::from(text));
-            }
-            (_, toml::Value::Integer(number)) => {
-                own.push(OsString::from(&long));
-                own.push(OsString::from(number.to_string()));
-            }
-            (_, toml::Value::Boolean(_)) => {
-                return Err(wrong("expected a value, not true or false"));
-            }
-            (_, _) => return Err(wrong("expected a string or an integer")),
-        }
+        })?;
         if !given {
             words.extend(own);
         }
     }
     Ok(words)
+}
+
+/// The words `--flag [value]` for one key's value, by the kind of flag it
+/// sets; the error says what the flag takes.
+fn flag_words(
+    action: &ArgAction,
+    long: &str,
+    value: &toml::Value,
+) -> Result<Vec<OsString>, &'static str> {
+    let pair = |text: &str| vec![OsString::from(long), OsString::from(text)];
+    match (action, value) {
+        (ArgAction::SetTrue, toml::Value::Boolean(on)) => Ok(if *on {
+            vec![OsString::from(long)]
+        } else {
+            Vec::new()
+        }),
+        (ArgAction::SetTrue, _) => Err("expected true or false"),
+        (ArgAction::Append, toml::Value::Array(items)) => {
+            let mut words = Vec::new();
+            for item in items {
+                let toml::Value::String(item) = item else {
+                    return Err("expected an array of strings");
+                };
+                words.extend(pair(item));
+            }
+            Ok(words)
+        }
+        (ArgAction::Append, toml::Value::String(item)) => Ok(pair(item)),
+        (ArgAction::Append, _) => Err("expected a string or an array of strings"),
+        (_, toml::Value::String(text)) => Ok(pair(text)),
+        (_, toml::Value::Integer(number)) => Ok(pair(&number.to_string())),
+        (_, toml::Value::Boolean(_)) => Err("expected a value, not true or false"),
+        (_, _) => Err("expected a string or an integer"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(action: ArgAction, toml_value: &str) -> Result<Vec<String>, &'static str> {
+        let table: toml::Table = toml::from_str(&format!("v = {toml_value}")).unwrap();
+        let value = table.get("v").unwrap();
+        flag_words(&action, "--flag", value).map(|words| {
+            words
+                .into_iter()
+                .map(|w| w.into_string().unwrap())
+                .collect()
+        })
+    }
+
+    #[test]
+    fn each_kind_of_flag_takes_its_own_toml_type() {
+        assert_eq!(words(ArgAction::SetTrue, "true"), Ok(vec!["--flag".into()]));
+        assert_eq!(words(ArgAction::SetTrue, "false"), Ok(vec![]));
+        assert!(words(ArgAction::SetTrue, "1").is_err());
+        assert_eq!(
+            words(ArgAction::Append, r#"["a", "b"]"#),
+            Ok(vec![
+                "--flag".into(),
+                "a".into(),
+                "--flag".into(),
+                "b".into()
+            ])
+        );
+        assert_eq!(
+            words(ArgAction::Append, r#""a""#),
+            Ok(vec!["--flag".into(), "a".into()])
+        );
+        assert!(words(ArgAction::Append, "[1]").is_err());
+        assert_eq!(
+            words(ArgAction::Set, "42"),
+            Ok(vec!["--flag".into(), "42".into()])
+        );
+        assert_eq!(
+            words(ArgAction::Set, r#""x""#),
+            Ok(vec!["--flag".into(), "x".into()])
+        );
+        assert!(words(ArgAction::Set, "true").is_err());
+        assert!(words(ArgAction::Set, "1.5").is_err());
+        assert!(words(ArgAction::Set, "[1]").is_err());
+    }
 }

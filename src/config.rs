@@ -113,6 +113,9 @@ pub struct ServerArgs {
     /// Messages kept per room for recovery with `since`.
     #[arg(long, env = "ROOMCAST_HISTORY", default_value_t = 100)]
     pub history: usize,
+    /// The config file's `[[namespace]]` tables (no flag sets them).
+    #[arg(skip)]
+    pub namespaces: Vec<crate::hub::NamespaceSpec>,
     /// Typing state expires after this many milliseconds without a `typing` (0: never).
     #[arg(long, env = "ROOMCAST_TYPING_TIMEOUT_MS", default_value_t = 6_000)]
     pub typing_timeout_ms: u64,
@@ -209,11 +212,16 @@ pub fn parse_command_line() -> Cli {
     let Ok(matches) = Cli::command().try_get_matches_from(&arguments) else {
         return cli;
     };
-    match crate::config_file::file_arguments(&path, &matches) {
-        Ok(words) if words.is_empty() => cli,
-        Ok(words) => {
-            arguments.extend(words);
-            parse_or_exit(&arguments, Some(&path))
+    match crate::config_file::file_settings(&path, &matches) {
+        Ok(settings) => {
+            let mut cli = if settings.words.is_empty() {
+                cli
+            } else {
+                arguments.extend(settings.words);
+                parse_or_exit(&arguments, Some(&path))
+            };
+            cli.server.namespaces = settings.namespaces;
+            cli
         }
         Err(error) => {
             eprintln!("error: {error}");
@@ -335,6 +343,14 @@ pub enum ConfigError {
 }
 
 impl ServerArgs {
+    /// Every room's options: the config file's namespaces over the flags.
+    pub fn namespaces(&self) -> crate::hub::Namespaces {
+        crate::hub::Namespaces::new(
+            crate::hub::RoomOptions::defaults(self.history),
+            &self.namespaces,
+        )
+    }
+
     /// Checks the rules that span several flags.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let needed = self

@@ -129,9 +129,20 @@ fn unknown_keys_wrong_types_and_unreadable_files_exit_2_naming_them() {
         ("origins", "allowed_origin = [1]\n", "allowed_origin"),
         ("toml", "history = \n", "not valid TOML"),
         (
-            "namespace",
-            "[[namespace]]\nprefix = \"news:\"\n",
-            "namespace",
+            "namespace key",
+            "[[namespace]]\nprefix = \"news:\"\nmax_member = 3\n",
+            "max_member",
+        ),
+        (
+            "namespace type",
+            "[[namespace]]\nprefix = \"news:\"\nclient_publish = \"no\"\n",
+            "namespace 1",
+        ),
+        ("namespace prefix", "[[namespace]]\nhistory = 3\n", "prefix"),
+        (
+            "namespace twice",
+            "[[namespace]]\nprefix = \"a\"\n[[namespace]]\nprefix = \"a\"\n",
+            "given twice",
         ),
     ];
     for (name, text, named) in cases {

@@ -537,7 +537,7 @@ pub mod template {
 
 fn hub_config() -> HubConfig {
     HubConfig {
-        history: 4,
+        namespaces: std::sync::Arc::new(roomcast::hub::Namespaces::none(4)),
         max_rooms_per_connection: 3,
         typing_timeout_ms: 300,
         heartbeat_ms: 1000,

@@ -29,10 +29,10 @@ pub struct DeferredBackplane {
 }
 
 impl DeferredBackplane {
-    /// Rooms keep `history` messages each.
-    pub fn new(history: usize) -> Self {
+    /// Rooms keep the messages their namespace says.
+    pub fn new(namespaces: std::sync::Arc<crate::hub::Namespaces>) -> Self {
         DeferredBackplane {
-            inner: LocalBackplane::new(history),
+            inner: LocalBackplane::new(namespaces),
             next_request: 0,
             queued: Vec::new(),
             released: Vec::new(),

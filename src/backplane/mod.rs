@@ -102,6 +102,24 @@ pub struct JoinState {
     /// A frame to deliver now to the room's other members (`user_joined`
     /// when the user's first connection joined and nobody else announces it).
     pub announce: Option<Bytes>,
+    /// The room already has its namespace's `max_members` users and the
+    /// joiner is not one of them: nothing took effect (`room_full`).
+    pub full: bool,
+}
+
+impl JoinState {
+    /// The answer to a join refused for `max_members` (§14.1).
+    pub fn full(count: u64) -> Self {
+        JoinState {
+            count,
+            seq: 0,
+            epoch: Box::from(""),
+            oldest_held: None,
+            replay: Vec::new(),
+            announce: None,
+            full: true,
+        }
+    }
 }
 
 /// A message to publish.

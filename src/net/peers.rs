@@ -40,6 +40,8 @@ pub struct Shared {
     /// `--tls-cert`/`--tls-key`: the configuration new connections use,
     /// replaced when SIGHUP reloads the files.
     pub tls: Option<Mutex<Arc<rustls::ServerConfig>>>,
+    /// Every room's options by namespace (§14.1), for every loop and the bridge.
+    pub namespaces: Arc<crate::hub::Namespaces>,
 }
 
 impl Shared {

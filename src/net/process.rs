@@ -114,6 +114,7 @@ impl Server {
             keeper,
             per_user: Mutex::new(std::collections::HashMap::new()),
             tls,
+            namespaces: Arc::new(args.namespaces()),
         });
         let listener = listen(args.listen).map_err(|source| ServerError::Bind {
             address: args.listen,
@@ -133,8 +134,13 @@ impl Server {
                     .iter()
                     .map(|peer| Box::new(Arc::clone(&peer.waker)) as Box<dyn Wake>)
                     .collect();
-                let (bridge, links) = Bridge::start(url, args.history, processes.clone(), wakers)
-                    .map_err(|error| ServerError::Redis(error.to_string()))?;
+                let (bridge, links) = Bridge::start(
+                    url,
+                    Arc::clone(&shared.namespaces),
+                    processes.clone(),
+                    wakers,
+                )
+                .map_err(|error| ServerError::Redis(error.to_string()))?;
                 let links = processes.into_iter().zip(links).map(Some).collect();
                 (Some(bridge), links)
             }
@@ -322,6 +328,7 @@ impl EventLoop {
             redis,
         } = seed;
         let count = shared.peers.len();
+        let namespaces = &shared.namespaces;
         let max_message = args.max_message_bytes();
         let websocket_config = WebSocketConfig::default()
             .read_buffer_size(CODEC_BUFFER_SIZE)
@@ -329,7 +336,7 @@ impl EventLoop {
             .max_message_size(Some(max_message))
             .max_frame_size(Some(max_message));
         let config = HubConfig {
-            history: args.history,
+            namespaces: Arc::clone(namespaces),
             max_rooms_per_connection: args.max_rooms_per_connection,
             typing_timeout_ms: args.typing_timeout_ms,
             heartbeat_ms: args.heartbeat_ms,
@@ -347,11 +354,16 @@ impl EventLoop {
             None if count > 1 => {
                 let homes = Arc::clone(&shared.homes);
                 (
-                    Box::new(LoopsBackplane::new(index, count, args.history, homes)),
+                    Box::new(LoopsBackplane::new(
+                        index,
+                        count,
+                        Arc::clone(namespaces),
+                        homes,
+                    )),
                     None,
                 )
             }
-            None => (Box::new(LocalBackplane::new(args.history)), None),
+            None => (Box::new(LocalBackplane::new(Arc::clone(namespaces))), None),
         };
         let mut event_loop = EventLoop {
             index,

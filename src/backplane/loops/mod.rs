@@ -18,7 +18,7 @@
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 
@@ -27,7 +27,7 @@ use super::{
     Answer, Backplane, Effect, JoinRequest, JoinState, LocalView, PresenceEntry, Publication,
     Published, Reply, RequestId, Retention, RoomRef, RoomTraffic, UserItem, UserRef,
 };
-use crate::hub::{EMPTY_ROOM_TTL_MS, Millis, random_epoch};
+use crate::hub::{EMPTY_ROOM_TTL_MS, Millis, Namespaces, RoomOptions, random_epoch};
 use crate::protocol::FrameBuilder;
 use crate::state::RoomSnapshot;
 
@@ -176,11 +176,14 @@ struct Authority {
     members: Vec<u32>,
     /// When the last member anywhere left.
     empty_since: Option<Millis>,
+    /// Its namespace's options, looked up once when the authority is made.
+    options: RoomOptions,
 }
 
 impl Authority {
-    fn new(loops: usize) -> Self {
+    fn new(loops: usize, options: RoomOptions) -> Self {
         Authority {
+            options,
             epoch: random_epoch(),
             seq: 0,
             history: VecDeque::new(),
@@ -205,7 +208,7 @@ struct Gather {
 pub struct LoopsBackplane {
     me: usize,
     loops: usize,
-    history: usize,
+    namespaces: Arc<Namespaces>,
     homes: std::sync::Arc<RoomHomes>,
     /// Rooms whose home is this loop.
     authorities: HashMap<Box<str>, Authority>,
@@ -225,11 +228,16 @@ pub struct LoopsBackplane {
 
 impl LoopsBackplane {
     /// Loop `me` of `loops`, sharing the room homes of the process.
-    pub fn new(me: usize, loops: usize, history: usize, homes: std::sync::Arc<RoomHomes>) -> Self {
+    pub fn new(
+        me: usize,
+        loops: usize,
+        namespaces: Arc<Namespaces>,
+        homes: Arc<RoomHomes>,
+    ) -> Self {
         LoopsBackplane {
             me,
             loops,
-            history,
+            namespaces,
             homes,
             authorities: HashMap::new(),
             open: HashMap::new(),
@@ -256,8 +264,9 @@ impl LoopsBackplane {
         if home != self.me {
             return;
         }
-        let mut authority = Authority::new(self.loops);
-        authority.history = snapshot.history_frames(self.history);
+        let options = *self.namespaces.for_room(&snapshot.name);
+        let mut authority = Authority::new(self.loops, options);
+        authority.history = snapshot.history_frames(options.history);
         authority.epoch = snapshot.epoch.into_boxed_str();
         authority.seq = snapshot.seq;
         authority.empty_since = Some(now);
@@ -283,9 +292,10 @@ impl LoopsBackplane {
             self.homes.home_of(room, self.me);
             self.changes += 1;
         }
+        let namespaces = &self.namespaces;
         self.authorities
             .entry(room.into())
-            .or_insert_with(|| Authority::new(loops))
+            .or_insert_with(|| Authority::new(loops, *namespaces.for_room(room)))
     }
 
     /// Room traffic from this loop's authority: to the hub here (as an
@@ -307,7 +317,8 @@ impl LoopsBackplane {
     }
 
     /// A member joined on loop `from`: counts, and the `user_joined` frame
-    /// when the user is new to the room everywhere.
+    /// when the user is new to the room everywhere. `Err(users)`: the room
+    /// is full and the joiner was not counted.
     fn admit(
         &mut self,
         from: usize,
@@ -315,10 +326,14 @@ impl LoopsBackplane {
         user_id: &str,
         user_json: &str,
         first: bool,
-    ) -> Option<Bytes> {
+    ) -> Result<Option<Bytes>, u64> {
         let authority = self.authority(room);
         if !first {
-            return None;
+            return Ok(None);
+        }
+        let users = authority.users.len() as u64;
+        if !authority.users.contains_key(user_id) && !authority.options.admits(users) {
+            return Err(users);
         }
         if let Some(count) = authority.members.get_mut(from) {
             *count += 1;
@@ -329,7 +344,8 @@ impl LoopsBackplane {
             .entry(user_id.into())
             .or_insert_with(|| (0, user_json.into()));
         entry.0 += 1;
-        (entry.0 == 1).then(|| member_frame("user_joined", room, user_json, authority.users.len()))
+        let announce = entry.0 == 1 && authority.options.member_events;
+        Ok(announce.then(|| member_frame("user_joined", room, user_json, authority.users.len())))
     }
 
     /// The state a join answers with: `joined`'s figures and the replay.
@@ -352,13 +368,14 @@ impl LoopsBackplane {
             oldest_held: authority.history.front().map(|(seq, _)| *seq),
             replay,
             announce: None,
+            full: false,
         }
     }
 
     /// Assigns the next seq, frames the message once and keeps it.
     fn take_seq(&mut self, room: &str, user_json: &str, content: &str, now: Millis) -> Published {
-        let keep = self.history;
         let authority = self.authority(room);
+        let keep = authority.options.history;
         authority.seq += 1;
         let seq = authority.seq;
         let frame = FrameBuilder::with_capacity(
@@ -414,7 +431,8 @@ impl LoopsBackplane {
             }
             None => false,
         };
-        gone.then(|| member_frame("user_left", room, user_json, authority.users.len()))
+        let announce = gone && authority.options.member_events;
+        announce.then(|| member_frame("user_left", room, user_json, authority.users.len()))
     }
 
     /// Something from another loop. Call [`crate::hub::Hub::backplane_changed`] after.
@@ -431,7 +449,16 @@ impl LoopsBackplane {
                 since,
                 epoch,
             } => {
-                if let Some(announce) = self.admit(from, &room, &user_id, &user_json, first) {
+                let announce = match self.admit(from, &room, &user_id, &user_json, first) {
+                    Ok(announce) => announce,
+                    Err(users) => {
+                        let answer = Some(Answer::Joined(JoinState::full(users)));
+                        self.out
+                            .push((from, LoopMessage::Answer { request, answer }));
+                        return;
+                    }
+                };
+                if let Some(announce) = announce {
                     let traffic = RoomTraffic {
                         room: room.clone(),
                         seq: None,
@@ -636,7 +663,10 @@ impl Backplane for LoopsBackplane {
             return Reply::Later(request);
         }
         let (room, user) = (join.room.name, join.user);
-        let announce = self.admit(self.me, room, user.id, user.json, join.first);
+        let announce = match self.admit(self.me, room, user.id, user.json, join.first) {
+            Ok(announce) => announce,
+            Err(users) => return Reply::Now(JoinState::full(users)),
+        };
         if let Some(frame) = &announce {
             // The members here get it from the hub (without the joiner's
             // connection); the other loops' members from here.

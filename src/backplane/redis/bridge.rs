@@ -32,6 +32,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::hub::Namespaces;
 use log::{debug, info, warn};
 use redis::{Client, Connection, Pipeline, RedisError, Value};
 
@@ -155,7 +156,7 @@ impl Bridge {
     /// down). Returns each loop's link, by index.
     pub fn start(
         url: &str,
-        history: usize,
+        namespaces: Arc<Namespaces>,
         processes: Vec<String>,
         wakers: Vec<Box<dyn Wake>>,
     ) -> Result<(Bridge, Vec<BridgeLink>), RedisError> {
@@ -197,7 +198,7 @@ impl Bridge {
                         to_loops,
                         subscribed,
                         wake,
-                        history,
+                        namespaces,
                         scripts: Vec::new(),
                         connection: None,
                         nodes: vec![None; loops],
@@ -305,7 +306,8 @@ struct CommandThread {
     to_loops: ToLoops,
     subscribed: Arc<Subscribed>,
     wake: String,
-    history: usize,
+    /// Each room's options: history kept, member events, max members.
+    namespaces: Arc<Namespaces>,
     /// SHA of each script of `Script::ALL`, loaded on this connection.
     scripts: Vec<String>,
     connection: Option<Connection>,
@@ -752,6 +754,7 @@ impl CommandThread {
                 local_count,
             } => {
                 let keys = commands::room_keys(room);
+                let options = self.namespaces.for_room(room);
                 pipe.cmd("EVALSHA")
                     .arg(self.sha(Script::Member))
                     .arg(3)
@@ -762,7 +765,8 @@ impl CommandThread {
                     .arg(user_json)
                     .arg(&ttl)
                     .arg(commands::room_channel(room))
-                    .arg(json_string(room));
+                    .arg(json_string(room))
+                    .arg(flag(options.member_events));
                 Expect::Nothing
             }
             Command::RoomEvent { room, envelope } => {
@@ -798,6 +802,7 @@ impl CommandThread {
         else {
             return Expect::Nothing;
         };
+        let options = self.namespaces.for_room(room);
         pipe.cmd("EVALSHA")
             .arg(self.sha(Script::Join))
             .arg(5)
@@ -812,7 +817,9 @@ impl CommandThread {
             .arg(json_string(room))
             .arg(marker)
             .arg(since.map(|s| s.to_string()).unwrap_or_default())
-            .arg(epoch.as_deref().unwrap_or(""));
+            .arg(epoch.as_deref().unwrap_or(""))
+            .arg(options.max_members)
+            .arg(flag(options.member_events));
         Expect::Joined(*req)
     }
 
@@ -826,7 +833,7 @@ impl CommandThread {
             .arg(&keys[1])
             .arg(&keys[4])
             .arg(crate::hub::random_epoch().as_ref())
-            .arg(self.history)
+            .arg(self.namespaces.for_room(room).history)
             .arg(ttl)
             .arg(commands::room_channel(room))
             .arg(head)
@@ -876,12 +883,21 @@ fn room_state(value: &Value) -> Option<RoomState> {
     })
 }
 
+/// A script argument for a yes or no.
+fn flag(on: bool) -> &'static str {
+    if on { "1" } else { "0" }
+}
+
 fn joined(value: &Value) -> Option<Reply> {
     let items = array(value)?;
+    if items.first().and_then(text).as_deref() == Some("!full") {
+        let count = int(items.get(1)?)?;
+        return Some(Reply::RoomFull { count });
+    }
     let state = room_state(value)?;
     let history_len = int(items.get(3)?)?;
     let frames = items
-        .get(4..)
+        .get(5..)
         .unwrap_or_default()
         .iter()
         .map(text)

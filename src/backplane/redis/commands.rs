@@ -265,6 +265,11 @@ pub enum Reply {
         /// without `since` or when the client's epoch is not the room's.
         frames: Vec<String>,
     },
+    /// `Join` refused: the room has its namespace's `max_members` users.
+    RoomFull {
+        /// The users in the room.
+        count: u64,
+    },
     /// `Publish`.
     Published {
         /// The seq the message was given.

@@ -356,7 +356,11 @@ impl RedisBackplane {
                         .map(|text| protocol::text_frame(text))
                         .collect(),
                     announce: None,
+                    full: false,
                 }))
+            }
+            (Pending::Join { .. }, Ok(Answered::RoomFull { count })) => {
+                Some(Answer::Joined(JoinState::full(count)))
             }
             (Pending::Publish, Ok(Answered::Published { seq, delivered })) => {
                 Some(Answer::Published { seq, delivered })

@@ -538,6 +538,7 @@ pub mod template {
 fn hub_config() -> HubConfig {
     HubConfig {
         namespaces: std::sync::Arc::new(roomcast::hub::Namespaces::none(4)),
+        webhooks: None,
         max_rooms_per_connection: 3,
         typing_timeout_ms: 300,
         heartbeat_ms: 1000,

@@ -12,9 +12,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::events::RoomEvents;
 use super::{
     Backplane, Effect, JoinRequest, JoinState, LocalView, PresenceEntry, Publication, Published,
-    Reply, Retention, RoomRef, UserItem, UserRef,
+    Remaining, Reply, Retention, RoomRef, UserItem, UserRef,
 };
 use crate::hub::{EMPTY_ROOM_TTL_MS, Millis, Namespaces, RoomOptions, random_epoch};
 use crate::protocol::FrameBuilder;
@@ -35,6 +36,8 @@ struct Authority {
 pub struct LocalBackplane {
     /// Every room's options (history kept, member events, max members).
     namespaces: Arc<Namespaces>,
+    /// Where membership changes and messages go for the webhook.
+    events: RoomEvents,
     /// By the hub's room key.
     rooms: Vec<Option<Authority>>,
     /// Bumped by every change `export_rooms` would show.
@@ -43,9 +46,10 @@ pub struct LocalBackplane {
 
 impl LocalBackplane {
     /// Rooms keep the messages their namespace says for recovery.
-    pub fn new(namespaces: Arc<Namespaces>) -> Self {
+    pub fn new(namespaces: Arc<Namespaces>, events: RoomEvents) -> Self {
         LocalBackplane {
             namespaces,
+            events,
             rooms: Vec::new(),
             changes: 0,
         }
@@ -128,6 +132,11 @@ impl Backplane for LocalBackplane {
                 .collect(),
             _ => Vec::new(),
         };
+        if new_user {
+            let users = join.users_here as u64;
+            self.events
+                .user_joined(join.room.name, join.user.json, users, join.now);
+        }
         let announce = (new_user && authority.options.member_events).then(|| {
             member_frame(
                 "user_joined",
@@ -171,6 +180,11 @@ impl Backplane for LocalBackplane {
             }
             authority.history.push_back((seq, frame.clone()));
         }
+        if message.webhook {
+            let (user, content) = (message.user_json, message.content);
+            let room = message.room.name;
+            self.events.message(room, seq, user, content, message.now);
+        }
         self.changes += 1;
         Reply::Now(Published {
             seq,
@@ -187,14 +201,18 @@ impl Backplane for LocalBackplane {
         &mut self,
         room: RoomRef<'_>,
         user: UserRef<'_>,
-        connections_here: u32,
-        users_here: usize,
+        left: Remaining,
     ) -> Option<Bytes> {
+        if left.connections_here > 0 {
+            return None;
+        }
+        let users = left.users_here;
+        self.events
+            .user_left(room.name, user.json, users as u64, left.now);
         let announce = self
             .authority(room)
             .is_some_and(|authority| authority.options.member_events);
-        (connections_here == 0 && announce)
-            .then(|| member_frame("user_left", room.name, user.json, users_here))
+        announce.then(|| member_frame("user_left", room.name, user.json, users))
     }
 
     fn user_connections(&mut self, _user_id: &str, _connections: usize) {}

@@ -154,8 +154,11 @@ impl Hub {
                 id: &user_id,
                 json: &user_json,
             },
-            connections_left,
-            room.users.len(),
+            crate::backplane::Remaining {
+                connections_here: connections_left,
+                users_here: room.users.len(),
+                now,
+            },
         );
         if let Some(frame) = announce {
             self.broadcast(room_id, &frame, super::delivery::Except::Nobody);

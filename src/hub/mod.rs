@@ -71,6 +71,8 @@ pub struct HubConfig {
     /// Each room's options by namespace (history kept, client publish,
     /// member events, max members, webhook messages).
     pub namespaces: std::sync::Arc<Namespaces>,
+    /// `--webhook-url`: the process's webhook sender (§14.2).
+    pub webhooks: Option<crate::webhook::Webhooks>,
     /// Most rooms per connection.
     pub max_rooms_per_connection: usize,
     /// Typing expiry; 0 disables it.
@@ -204,9 +206,11 @@ impl Refusal {
 impl Hub {
     /// A hub whose rooms live in this process (one event loop).
     pub fn new(config: HubConfig) -> Self {
-        let backplane = Box::new(LocalBackplane::new(std::sync::Arc::clone(
-            &config.namespaces,
-        )));
+        let events = crate::backplane::events::RoomEvents::new(config.webhooks.clone());
+        let backplane = Box::new(LocalBackplane::new(
+            std::sync::Arc::clone(&config.namespaces),
+            events,
+        ));
         Hub::with_backplane(config, backplane)
     }
 

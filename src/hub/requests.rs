@@ -207,6 +207,7 @@ impl Hub {
             since,
             epoch,
             first,
+            now,
         };
         let serial = session.serial;
         let life = room_state.life;
@@ -278,11 +279,14 @@ impl Hub {
         }) else {
             return Ok(());
         };
+        let webhook = self.config.webhooks.is_some()
+            && self.config.namespaces.for_room(room.name).webhook_messages;
         let publication = Publication {
             room,
             user_json: &user_json,
             content,
             now,
+            webhook,
         };
         match self.backplane.publish(&publication) {
             Reply::Now(published) => {

@@ -31,6 +31,7 @@ use super::server::{
 use super::transport::load_tls;
 use crate::auth::{self, TokenClaims, Verifier};
 use crate::backplane::Backplane;
+use crate::backplane::events::RoomEvents;
 use crate::backplane::local::LocalBackplane;
 use crate::backplane::loops::{LoopsBackplane, RoomHomes};
 use crate::backplane::redis::RedisBackplane;
@@ -137,6 +138,7 @@ impl Server {
                 let (bridge, links) = Bridge::start(
                     url,
                     Arc::clone(&shared.namespaces),
+                    RoomEvents::default(),
                     processes.clone(),
                     wakers,
                 )
@@ -337,6 +339,7 @@ impl EventLoop {
             .max_frame_size(Some(max_message));
         let config = HubConfig {
             namespaces: Arc::clone(namespaces),
+            webhooks: None,
             max_rooms_per_connection: args.max_rooms_per_connection,
             typing_timeout_ms: args.typing_timeout_ms,
             heartbeat_ms: args.heartbeat_ms,
@@ -359,11 +362,18 @@ impl EventLoop {
                         count,
                         Arc::clone(namespaces),
                         homes,
+                        RoomEvents::new(config.webhooks.clone()),
                     )),
                     None,
                 )
             }
-            None => (Box::new(LocalBackplane::new(Arc::clone(namespaces))), None),
+            None => (
+                Box::new(LocalBackplane::new(
+                    Arc::clone(namespaces),
+                    RoomEvents::new(config.webhooks.clone()),
+                )),
+                None,
+            ),
         };
         let mut event_loop = EventLoop {
             index,

@@ -22,10 +22,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 
+use super::events::RoomEvents;
 use super::local::member_frame;
 use super::{
     Answer, Backplane, Effect, JoinRequest, JoinState, LocalView, PresenceEntry, Publication,
-    Published, Reply, RequestId, Retention, RoomRef, RoomTraffic, UserItem, UserRef,
+    Published, Remaining, Reply, RequestId, Retention, RoomRef, RoomTraffic, UserItem, UserRef,
 };
 use crate::hub::{EMPTY_ROOM_TTL_MS, Millis, Namespaces, RoomOptions, random_epoch};
 use crate::protocol::FrameBuilder;
@@ -102,6 +103,8 @@ pub enum LoopMessage {
         content: Box<str>,
         /// When it was sent.
         now: Millis,
+        /// Also for the webhook (see [`Publication::webhook`]).
+        webhook: bool,
     },
     /// To a room's home: a frame without a seq for every member (`typing`).
     Frame {
@@ -209,6 +212,8 @@ pub struct LoopsBackplane {
     me: usize,
     loops: usize,
     namespaces: Arc<Namespaces>,
+    /// Where this loop's authorities report membership changes and messages.
+    events: RoomEvents,
     homes: std::sync::Arc<RoomHomes>,
     /// Rooms whose home is this loop.
     authorities: HashMap<Box<str>, Authority>,
@@ -233,11 +238,13 @@ impl LoopsBackplane {
         loops: usize,
         namespaces: Arc<Namespaces>,
         homes: Arc<RoomHomes>,
+        events: RoomEvents,
     ) -> Self {
         LoopsBackplane {
             me,
             loops,
             namespaces,
+            events,
             homes,
             authorities: HashMap::new(),
             open: HashMap::new(),
@@ -344,8 +351,14 @@ impl LoopsBackplane {
             .entry(user_id.into())
             .or_insert_with(|| (0, user_json.into()));
         entry.0 += 1;
-        let announce = entry.0 == 1 && authority.options.member_events;
-        Ok(announce.then(|| member_frame("user_joined", room, user_json, authority.users.len())))
+        let new_user = entry.0 == 1;
+        let users = authority.users.len();
+        let announce = new_user && authority.options.member_events;
+        if new_user {
+            self.events
+                .user_joined(room, user_json, users as u64, self.now);
+        }
+        Ok(announce.then(|| member_frame("user_joined", room, user_json, users)))
     }
 
     /// The state a join answers with: `joined`'s figures and the replay.
@@ -373,7 +386,13 @@ impl LoopsBackplane {
     }
 
     /// Assigns the next seq, frames the message once and keeps it.
-    fn take_seq(&mut self, room: &str, user_json: &str, content: &str, now: Millis) -> Published {
+    fn take_seq(&mut self, message: &Publication<'_>) -> Published {
+        let (room, user_json, content, now) = (
+            message.room.name,
+            message.user_json,
+            message.content,
+            message.now,
+        );
         let authority = self.authority(room);
         let keep = authority.options.history;
         authority.seq += 1;
@@ -394,6 +413,9 @@ impl LoopsBackplane {
                 authority.history.pop_front();
             }
             authority.history.push_back((seq, frame.clone()));
+        }
+        if message.webhook {
+            self.events.message(room, seq, user_json, content, now);
         }
         self.changes += 1;
         Published {
@@ -431,6 +453,10 @@ impl LoopsBackplane {
             }
             None => false,
         };
+        if gone {
+            let users = authority.users.len() as u64;
+            self.events.user_left(room, user_json, users, now);
+        }
         let announce = gone && authority.options.member_events;
         announce.then(|| member_frame("user_left", room, user_json, authority.users.len()))
     }
@@ -481,8 +507,15 @@ impl LoopsBackplane {
                 user_json,
                 content,
                 now,
+                webhook,
             } => {
-                let published = self.take_seq(&room, &user_json, &content, now);
+                let published = self.take_seq(&Publication {
+                    room: RoomRef { id: 0, name: &room },
+                    user_json: &user_json,
+                    content: &content,
+                    now,
+                    webhook,
+                });
                 let traffic = RoomTraffic {
                     room: room.clone(),
                     seq: Some(published.seq),
@@ -662,6 +695,7 @@ impl Backplane for LoopsBackplane {
             ));
             return Reply::Later(request);
         }
+        self.now = join.now;
         let (room, user) = (join.room.name, join.user);
         let announce = match self.admit(self.me, room, user.id, user.json, join.first) {
             Ok(announce) => announce,
@@ -697,11 +731,12 @@ impl Backplane for LoopsBackplane {
                     user_json: message.user_json.into(),
                     content: message.content.into(),
                     now: message.now,
+                    webhook: message.webhook,
                 },
             ));
             return Reply::Later(request);
         }
-        let mut published = self.take_seq(room, message.user_json, message.content, message.now);
+        let mut published = self.take_seq(message);
         published.delivered_elsewhere = self.authorities.get(room).map_or(0, |authority| {
             authority.member_connections()
                 - u64::from(authority.members.get(self.me).copied().unwrap_or(0))
@@ -743,9 +778,9 @@ impl Backplane for LoopsBackplane {
         &mut self,
         room: RoomRef<'_>,
         user: UserRef<'_>,
-        _connections_here: u32,
-        _users_here: usize,
+        left: Remaining,
     ) -> Option<Bytes> {
+        self.now = left.now;
         let home = self.home(room.name);
         if home != self.me {
             self.out.push((

@@ -28,8 +28,13 @@ impl Process {
         let homes = Arc::new(RoomHomes::default());
         let loops = (0..count)
             .map(|index| {
-                let backplane =
-                    LoopsBackplane::new(index, count, Arc::clone(&namespaces), Arc::clone(&homes));
+                let backplane = LoopsBackplane::new(
+                    index,
+                    count,
+                    Arc::clone(&namespaces),
+                    Arc::clone(&homes),
+                    crate::backplane::events::RoomEvents::default(),
+                );
                 let config = HubConfig {
                     namespaces: Arc::clone(&namespaces),
                     ..config()
@@ -113,6 +118,7 @@ impl Process {
 fn config() -> HubConfig {
     HubConfig {
         namespaces: std::sync::Arc::new(crate::hub::Namespaces::none(100)),
+        webhooks: None,
         max_rooms_per_connection: 10,
         typing_timeout_ms: 6000,
         heartbeat_ms: 0,

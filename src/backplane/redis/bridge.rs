@@ -32,6 +32,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::backplane::events::RoomEvents;
 use crate::hub::Namespaces;
 use log::{debug, info, warn};
 use redis::{Client, Connection, Pipeline, RedisError, Value};
@@ -157,6 +158,7 @@ impl Bridge {
     pub fn start(
         url: &str,
         namespaces: Arc<Namespaces>,
+        events: RoomEvents,
         processes: Vec<String>,
         wakers: Vec<Box<dyn Wake>>,
     ) -> Result<(Bridge, Vec<BridgeLink>), RedisError> {
@@ -199,6 +201,7 @@ impl Bridge {
                         subscribed,
                         wake,
                         namespaces,
+                        events,
                         scripts: Vec::new(),
                         connection: None,
                         nodes: vec![None; loops],
@@ -308,6 +311,9 @@ struct CommandThread {
     wake: String,
     /// Each room's options: history kept, member events, max members.
     namespaces: Arc<Namespaces>,
+    /// The webhook events the scripts' answers reveal (this node saw the
+    /// change, so this node reports it: once for the cluster).
+    events: RoomEvents,
     /// SHA of each script of `Script::ALL`, loaded on this connection.
     scripts: Vec<String>,
     connection: Option<Connection>,
@@ -671,7 +677,11 @@ impl CommandThread {
         };
         let mut noscript = None;
         // Each command's first reply is its answer; the rest are ignored in the pipeline.
-        for ((index, expect), result) in expects.into_iter().zip(results) {
+        let answered = expects.into_iter().zip(results).zip(&commands);
+        for (((index, expect), result), (_, command)) in answered {
+            if let Ok(value) = &result {
+                self.report_events(command, value);
+            }
             let (req, parsed) = match result {
                 Ok(value) => match expect {
                     Expect::Nothing => continue,
@@ -707,6 +717,48 @@ impl CommandThread {
         }
     }
 
+    /// The webhook events a script's answer reveals (§14.2): a user new to
+    /// a room or gone from it on every node, and a message's seq.
+    fn report_events(&self, command: &Command, value: &Value) {
+        if !self.events.is_on() {
+            return;
+        }
+        let now = unix_millis();
+        match command {
+            Command::Join {
+                room, user_json, ..
+            } => {
+                // {epoch, seq, count, history length, connections before, ...}
+                let items = array(value).unwrap_or_default();
+                let before = items.get(4).and_then(int);
+                if let (Some(0), Some(count)) = (before, items.get(2).and_then(int)) {
+                    self.events.user_joined(room, user_json, count, now);
+                }
+            }
+            Command::Member {
+                room, user_json, ..
+            } => {
+                // {gone, users left}
+                let items = array(value).unwrap_or_default();
+                let gone = items.first().and_then(int);
+                if let (Some(1), Some(count)) = (gone, items.get(1).and_then(int)) {
+                    self.events.user_left(room, user_json, count, now);
+                }
+            }
+            Command::Publish {
+                room,
+                webhook: Some(message),
+                ..
+            } => {
+                if let Some(seq) = array(value).and_then(|items| items.first().and_then(int)) {
+                    let (user, content) = (&message.user_json, &message.content);
+                    self.events.message(room, seq, user, content, now);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Adds a command to the pipeline; every command but the first of each is ignored.
     fn add(&self, pipe: &mut Pipeline, index: usize, command: &Command) -> Expect {
         let node = self
@@ -722,6 +774,7 @@ impl CommandThread {
                 room,
                 head,
                 tail,
+                ..
             } => {
                 self.add_publish(pipe, room, head, tail, &ttl);
                 Expect::Published(*req)
@@ -865,6 +918,15 @@ fn text(value: &Value) -> Option<String> {
         Value::SimpleString(text) => Some(text.clone()),
         _ => None,
     }
+}
+
+/// The wall clock in Unix milliseconds, for the webhook events' `time_ms`.
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
 }
 
 fn array(value: &Value) -> Option<&[Value]> {

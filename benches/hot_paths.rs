@@ -33,6 +33,7 @@ fn hub(members: usize) -> Hub {
             hard: usize::MAX / 2,
         },
         verifier: Verifier::new(b"bench"),
+        webhooks: None,
     });
     for conn in 0..members {
         let identity = Identity {

@@ -549,6 +549,7 @@ fn hub_config() -> HubConfig {
             hard: 4096,
         },
         verifier: Verifier::new(SECRET),
+        webhooks: None,
     }
 }
 

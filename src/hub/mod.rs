@@ -84,6 +84,8 @@ pub struct HubConfig {
     pub marks: Marks,
     /// Verifies `refresh` tokens.
     pub verifier: Verifier,
+    /// `--webhook-url` (§14.2): where the hub reports what happens in rooms.
+    pub webhooks: Option<crate::webhook::Webhooks>,
 }
 
 /// A close the hub decided on; the I/O shell sends the close frame and ends the socket.

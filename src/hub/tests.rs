@@ -36,6 +36,7 @@ fn config() -> HubConfig {
             hard: 4 * 1024 * 1024,
         },
         verifier: Verifier::new(SECRET),
+        webhooks: None,
     }
 }
 

@@ -9,9 +9,10 @@
 //! cluster of its own.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use log::{error, warn};
 use mio::{Interest, Poll};
@@ -41,6 +42,10 @@ use crate::hub::{Hub, HubConfig};
 use crate::outbound::{Marks, Staging};
 use crate::state::RoomSnapshot;
 use crate::timers::Deadlines;
+use crate::webhook::{WebhookConfig, Webhooks};
+
+/// What queued webhook events get beyond the drain window to go out (§14.2).
+const WEBHOOK_GRACE: Duration = Duration::from_secs(1);
 
 /// A bound, not yet running server.
 pub struct Server {
@@ -107,6 +112,18 @@ impl Server {
             (Some(cert), Some(key)) => Some(Mutex::new(load_tls(cert, key)?)),
             _ => None,
         };
+        let webhooks = match (&args.webhook_url, args.webhook_signing_key()) {
+            (Some(url), Some(secret)) => Some(
+                Webhooks::start(WebhookConfig {
+                    url: url.clone(),
+                    secret: secret.as_bytes().to_vec(),
+                    queue_capacity: args.webhook_queue,
+                })
+                .map_err(ServerError::Webhook)?,
+            ),
+            // `validate` refused a URL without a key before we got here.
+            _ => None,
+        };
         let shared = Arc::new(Shared {
             connections: AtomicUsize::new(0),
             homes: Arc::new(RoomHomes::default()),
@@ -114,6 +131,8 @@ impl Server {
             keeper,
             per_user: Mutex::new(std::collections::HashMap::new()),
             tls,
+            webhooks,
+            drain_started: AtomicU64::new(0),
         });
         let listener = listen(args.listen).map_err(|source| ServerError::Bind {
             address: args.listen,
@@ -258,6 +277,8 @@ impl Server {
         if let Some(bridge) = &self.bridge {
             bridge.stop();
         }
+        let webhooks = self.shared.webhooks.clone();
+        let webhook_deadline = webhook_deadline(&self.shared, self.args.drain_ms);
         if let Some(keeper) = Arc::try_unwrap(self.shared)
             .ok()
             .and_then(|shared| shared.keeper)
@@ -267,8 +288,24 @@ impl Server {
                 .unwrap_or_else(PoisonError::into_inner)
                 .save_clean();
         }
+        if let Some(webhooks) = webhooks {
+            webhooks.finish(webhook_deadline);
+        }
         outcome
     }
+}
+
+/// Until when queued webhook events may still go out at exit: the drain
+/// window plus [`WEBHOOK_GRACE`], from the drain's start (§14.2); from now
+/// when the loops ended without a drain.
+fn webhook_deadline(shared: &Shared, drain_ms: u64) -> Instant {
+    let now = Instant::now();
+    let started = shared.drain_started.load(Ordering::Acquire);
+    if started == 0 {
+        return now + WEBHOOK_GRACE;
+    }
+    let end_ms = started.saturating_add(drain_ms);
+    now + Duration::from_millis(end_ms.saturating_sub(now_ms())) + WEBHOOK_GRACE
 }
 
 /// Tells every loop to drain now (a loop died).
@@ -341,6 +378,7 @@ impl EventLoop {
                 hard: args.write_buffer_hard,
             },
             verifier: verifier.clone(),
+            webhooks: shared.webhooks.clone(),
         };
         let (backplane, bridge): (Box<dyn Backplane>, Option<BridgeLink>) = match redis {
             Some((process, link)) => (Box::new(RedisBackplane::new(process, now_ms())), Some(link)),

@@ -54,6 +54,15 @@ pub struct Webhooks {
     handle: Arc<Handle>,
 }
 
+impl std::fmt::Debug for Webhooks {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Webhooks")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
 /// What the clones of [`Webhooks`] share.
 struct Handle {
     core: Arc<Core>,

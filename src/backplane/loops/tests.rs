@@ -114,6 +114,7 @@ fn config() -> HubConfig {
             hard: 4 * 1024 * 1024,
         },
         verifier: Verifier::new(b"secret"),
+        webhooks: None,
     }
 }
 

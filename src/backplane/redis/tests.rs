@@ -63,6 +63,7 @@ fn hub() -> Hub {
                 hard: 4 * 1024 * 1024,
             },
             verifier: Verifier::new(b"secret"),
+            webhooks: None,
         },
         backplane,
     )

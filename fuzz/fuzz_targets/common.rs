@@ -538,7 +538,6 @@ pub mod template {
 fn hub_config() -> HubConfig {
     HubConfig {
         namespaces: std::sync::Arc::new(roomcast::hub::Namespaces::none(4)),
-        webhooks: None,
         max_rooms_per_connection: 3,
         typing_timeout_ms: 300,
         heartbeat_ms: 1000,
@@ -550,6 +549,7 @@ fn hub_config() -> HubConfig {
             hard: 4096,
         },
         verifier: Verifier::new(SECRET),
+        webhooks: None,
     }
 }
 

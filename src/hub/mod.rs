@@ -71,8 +71,6 @@ pub struct HubConfig {
     /// Each room's options by namespace (history kept, client publish,
     /// member events, max members, webhook messages).
     pub namespaces: std::sync::Arc<Namespaces>,
-    /// `--webhook-url`: the process's webhook sender (§14.2).
-    pub webhooks: Option<crate::webhook::Webhooks>,
     /// Most rooms per connection.
     pub max_rooms_per_connection: usize,
     /// Typing expiry; 0 disables it.
@@ -89,6 +87,8 @@ pub struct HubConfig {
     pub marks: Marks,
     /// Verifies `refresh` tokens.
     pub verifier: Verifier,
+    /// `--webhook-url` (§14.2): where the hub reports what happens in rooms.
+    pub webhooks: Option<crate::webhook::Webhooks>,
 }
 
 /// A close the hub decided on; the I/O shell sends the close frame and ends the socket.

@@ -24,7 +24,6 @@ const TYPING_TIMEOUT_MS: Millis = 6000;
 fn config() -> HubConfig {
     HubConfig {
         namespaces: std::sync::Arc::new(crate::hub::Namespaces::none(100)),
-        webhooks: None,
         max_rooms_per_connection: 3,
         typing_timeout_ms: TYPING_TIMEOUT_MS,
         // Heartbeats have their own tests; the others move the clock by minutes.
@@ -37,6 +36,7 @@ fn config() -> HubConfig {
             hard: 4 * 1024 * 1024,
         },
         verifier: Verifier::new(SECRET),
+        webhooks: None,
     }
 }
 

@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use log::error;
+use log::{error, warn};
 
 pub use event::{Event, EventName};
 pub use sender::{ATTEMPT_TIMEOUT, AttemptError, signature};
@@ -86,8 +86,10 @@ impl Webhooks {
                 outbox,
                 finish_by: None,
                 stop: false,
+                done: false,
             }),
             changed: Condvar::new(),
+            ended: Condvar::new(),
         });
         let sender = Sender {
             core: Arc::clone(&core),
@@ -127,16 +129,40 @@ impl Webhooks {
 
     /// Shutdown: keeps sending what is queued, without waiting to fill
     /// batches, until the queue is empty or `deadline` has come, then stops
-    /// the thread and returns (an attempt out at the deadline is cut short
-    /// there). Events pushed afterwards are not sent.
+    /// the thread and returns, by the deadline. An attempt still out then
+    /// (it cannot be cancelled from here) is left to end on its own
+    /// timeout, and nothing is sent after it. Events pushed after `finish`
+    /// are not sent.
     pub fn finish(&self, deadline: Instant) {
         let core = &self.handle.core;
-        {
-            let mut state = core.lock();
-            state.finish_by = Some(state.finish_by.map_or(deadline, |by| by.min(deadline)));
-            state.outbox.flush();
-        }
+        let mut state = core.lock();
+        state.finish_by = Some(state.finish_by.map_or(deadline, |by| by.min(deadline)));
+        state.outbox.flush();
         core.changed.notify_all();
+        while !state.done {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            state = core
+                .ended
+                .wait_timeout(state, deadline - now)
+                .map(|(state, _)| state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+        }
+        let done = state.done;
+        if !done {
+            state.stop = true;
+            let left = state.outbox.stats().queued;
+            warn!(
+                "webhook: an attempt is still out at the shutdown deadline; \
+                 {left} more event(s) will not be sent"
+            );
+        }
+        drop(state);
+        if !done {
+            return;
+        }
         let thread = self
             .handle
             .thread

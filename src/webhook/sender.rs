@@ -24,6 +24,8 @@ pub(super) struct Core {
     pub(super) state: Mutex<State>,
     /// Signalled when a push makes a batch due sooner, or at finish and stop.
     pub(super) changed: Condvar,
+    /// Signalled when the thread has ended (for `finish`).
+    pub(super) ended: Condvar,
 }
 
 /// The outbox and the thread's orders, under one lock.
@@ -33,6 +35,8 @@ pub(super) struct State {
     pub(super) finish_by: Option<Instant>,
     /// Every handle is gone: stop now.
     pub(super) stop: bool,
+    /// The thread has returned.
+    pub(super) done: bool,
 }
 
 impl Core {
@@ -109,8 +113,15 @@ pub fn signature(secret: &[u8], body: &[u8]) -> String {
 
 impl Sender {
     /// Runs until stopped, or until `finish`'s deadline or an empty outbox
-    /// after `finish`.
-    pub(super) fn run(mut self) {
+    /// after `finish`, then says so to whoever waits in `finish`.
+    pub(super) fn run(self) {
+        let core = Arc::clone(&self.core);
+        self.send_until_done();
+        core.lock().done = true;
+        core.ended.notify_all();
+    }
+
+    fn send_until_done(mut self) {
         while let Some((batch, finish_by)) = self.next_batch() {
             let now = Instant::now();
             let timeout = match finish_by {

@@ -118,7 +118,6 @@ impl Process {
 fn config() -> HubConfig {
     HubConfig {
         namespaces: std::sync::Arc::new(crate::hub::Namespaces::none(100)),
-        webhooks: None,
         max_rooms_per_connection: 10,
         typing_timeout_ms: 6000,
         heartbeat_ms: 0,
@@ -130,6 +129,7 @@ fn config() -> HubConfig {
             hard: 4 * 1024 * 1024,
         },
         verifier: Verifier::new(b"secret"),
+        webhooks: None,
     }
 }
 

@@ -52,7 +52,6 @@ fn hub() -> Hub {
     Hub::with_backplane(
         HubConfig {
             namespaces: std::sync::Arc::new(crate::hub::Namespaces::none(100)),
-            webhooks: None,
             max_rooms_per_connection: 3,
             typing_timeout_ms: 6000,
             heartbeat_ms: 0,
@@ -64,6 +63,7 @@ fn hub() -> Hub {
                 hard: 4 * 1024 * 1024,
             },
             verifier: Verifier::new(b"secret"),
+            webhooks: None,
         },
         backplane,
     )

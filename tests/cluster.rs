@@ -1143,3 +1143,68 @@ fn namespaces_hold_across_nodes() {
     let refused = recv_kinds(&mut carol, &["ack", "error"]);
     assert_eq!(refused["payload"]["code"], "forbidden", "{refused}");
 }
+
+#[test]
+fn each_webhook_event_is_sent_once_for_the_cluster() {
+    use common::webhook_receiver::{Answer, WebhookReceiver};
+    let receiver = WebhookReceiver::start();
+    let file = namespace_file("[[namespace]]\nprefix = \"chat:\"\nwebhook_messages = true\n");
+    let redis = Redis::start();
+    let url = receiver.url();
+    let args = [
+        "--config",
+        file.to_str().unwrap(),
+        "--webhook-url",
+        url.as_str(),
+    ];
+    let (a, b) = (node(&redis, &args), node(&redis, &args));
+    let mut alice = a.connect("alice");
+    let mut bob = b.connect("bob");
+    let mut bob_on_a = a.connect("bob");
+    alice.join("chat:x");
+    bob.join("chat:x");
+    bob_on_a.join("chat:x");
+    for (client, n) in [(&mut alice, 1), (&mut bob, 2)] {
+        client
+            .send(json!({"type": "message", "id": n, "payload": {"room": "chat:x", "content": n}}));
+        recv_kinds(client, &["ack"]);
+    }
+    for client in [&mut bob, &mut bob_on_a, &mut alice] {
+        client.send(json!({"type": "leave", "payload": {"room": "chat:x"}}));
+        recv_kinds(client, &["left"]);
+    }
+    let delivered = |requests: &[common::webhook_receiver::Request]| -> Vec<Value> {
+        requests
+            .iter()
+            .filter(|request| request.answer == Answer::Status(200))
+            .flat_map(common::webhook_receiver::Request::events)
+            .filter(|event| event["room"] == "chat:x")
+            .collect()
+    };
+    let requests = receiver.wait_until(common::WAIT, |requests| {
+        delivered(requests)
+            .iter()
+            .any(|event| event["name"] == "room_vacated")
+    });
+    let events = delivered(&requests);
+    let names: Vec<&str> = events
+        .iter()
+        .map(|event| event["name"].as_str().unwrap_or("?"))
+        .collect();
+    let count = |name: &str| names.iter().filter(|n| **n == name).count();
+    assert_eq!(count("room_occupied"), 1, "{names:?}");
+    assert_eq!(
+        count("member_added"),
+        2,
+        "bob's second connection is no new member: {names:?}"
+    );
+    assert_eq!(count("message"), 2, "{names:?}");
+    assert_eq!(count("member_removed"), 2, "{names:?}");
+    assert_eq!(count("room_vacated"), 1, "{names:?}");
+    let mut seqs: Vec<u64> = events
+        .iter()
+        .filter_map(|event| event["seq"].as_u64())
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, [1, 2]);
+}

@@ -87,7 +87,8 @@ def open_db(path):
 def signature_ok(secret, body, header):
     """X-Roomcast-Signature is `sha256=` + hex HMAC-SHA256 of the exact body."""
     expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected.encode(), (header or "").encode())  # constant time
+    given = (header or "").strip().lower()  # hex digits in either case
+    return hmac.compare_digest(expected.encode(), given.encode())  # constant time
 
 
 def apply_batch(db, delivery, events, received_ms):

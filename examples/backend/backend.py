@@ -188,6 +188,7 @@ def publish(roomcast, api_key, room, content):
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "roomcast-example-backend"
+    protocol_version = "HTTP/1.1"  # keep-alive for roomcast's webhook client; every answer has a length
     config = None  # set by serve()
 
     def do_POST(self):

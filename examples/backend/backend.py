@@ -46,9 +46,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
 -- and the webhook does not carry the epoch. So (room, seq) alone would merge a new life's
 -- seq 1 with the old life's seq 1 and silently drop the new message. (room, seq, time_ms)
 -- is the same on every retry of an event (roomcast stamps it once) and differs between
--- two lives of a room (a new life starts minutes after the old one's messages at the
--- earliest). The delivery table above already makes a retried batch a no-op; this key
--- is the second line, and what makes INSERT OR IGNORE safe.
+-- two lives of a room (a new life's seq N comes after the old life's seq N, after at
+-- least a restart or five empty minutes, never in the same millisecond). The delivery
+-- table above already makes a retried batch a no-op; this key is the second line, and
+-- what makes INSERT OR IGNORE safe.
 CREATE TABLE IF NOT EXISTS messages (
     id        INTEGER PRIMARY KEY AUTOINCREMENT,
     room      TEXT NOT NULL,

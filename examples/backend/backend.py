@@ -334,8 +334,10 @@ def main(argv=None):
             status, text = publish(config.roomcast, config.api_key, room, {"text": text})
         except OSError as error:
             sys.exit("roomcast at %s unreachable: %s" % (config.roomcast, error))
+        if status != 200:
+            sys.exit("roomcast answered %d: %s" % (status, text.strip()))
         print(text)
-        return 0 if status == 200 else 1
+        return 0
     if not config.secret:
         parser.error("--secret or --api-key is needed to check webhook signatures")
     serve(config)

@@ -3,6 +3,7 @@
 //! messages reach the backend's SQLite store through signed webhooks and come
 //! back from its "load older messages" endpoint in seq order, and a client in
 //! a read-only feed gets `forbidden` while `backend.py publish` reaches it.
+//! The backend's own Python tests run here too, so CI runs them.
 //!
 //! Needs `python3` (standard library only; `.ci/run` installs it).
 mod common;
@@ -26,8 +27,8 @@ fn backend_script() -> PathBuf {
     root().join("examples").join("backend").join("backend.py")
 }
 
-/// `python3` with the example's flags, none of its variables inherited.
-fn python(args: &[&str]) -> Command {
+/// `python3`, none of the example's variables inherited, no `__pycache__` left behind.
+fn python3() -> Command {
     let works = Command::new("python3")
         .arg("--version")
         .output()
@@ -43,6 +44,13 @@ fn python(args: &[&str]) -> Command {
             command.env_remove(name);
         }
     }
+    command.env("PYTHONDONTWRITEBYTECODE", "1");
+    command
+}
+
+/// `python3 examples/backend/backend.py ARGS`.
+fn python(args: &[&str]) -> Command {
+    let mut command = python3();
     command.arg(backend_script()).args(args);
     command
 }
@@ -148,6 +156,22 @@ fn show(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// The backend's own tests (`examples/backend/test_backend.py`: signatures,
+/// redelivery, paging, the feed against a stub), which need no roomcast.
+#[test]
+fn the_backend_passes_its_own_tests() {
+    let out = python3()
+        .args(["-m", "unittest", "-q"])
+        .current_dir(backend_script().parent().unwrap())
+        .output()
+        .expect("run python3 -m unittest");
+    assert!(
+        out.status.success(),
+        "examples/backend/test_backend.py failed:\n{}",
+        show(&out)
+    );
 }
 
 #[test]

@@ -21,7 +21,7 @@ fn content_128() -> String {
 
 fn hub(members: usize) -> Hub {
     let mut hub = Hub::new(HubConfig {
-        history: 100,
+        namespaces: std::sync::Arc::new(roomcast::hub::Namespaces::none(100)),
         max_rooms_per_connection: 100,
         typing_timeout_ms: 6000,
         heartbeat_ms: 0,
@@ -33,6 +33,7 @@ fn hub(members: usize) -> Hub {
             hard: usize::MAX / 2,
         },
         verifier: Verifier::new(b"bench"),
+        webhooks: None,
     });
     for conn in 0..members {
         let identity = Identity {

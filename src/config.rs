@@ -113,6 +113,9 @@ pub struct ServerArgs {
     /// Messages kept per room for recovery with `since`.
     #[arg(long, env = "ROOMCAST_HISTORY", default_value_t = 100)]
     pub history: usize,
+    /// The config file's `[[namespace]]` tables (no flag sets them).
+    #[arg(skip)]
+    pub namespaces: Vec<crate::hub::NamespaceSpec>,
     /// Typing state expires after this many milliseconds without a `typing` (0: never).
     #[arg(long, env = "ROOMCAST_TYPING_TIMEOUT_MS", default_value_t = 6_000)]
     pub typing_timeout_ms: u64,
@@ -125,6 +128,15 @@ pub struct ServerArgs {
     /// Redis URL: rooms span every node on that Redis.
     #[arg(long, env = "ROOMCAST_REDIS")]
     pub redis: Option<String>,
+    /// URL the application's backend takes webhook events at (http:// or https://).
+    #[arg(long, env = "ROOMCAST_WEBHOOK_URL", value_parser = webhook_url)]
+    pub webhook_url: Option<String>,
+    /// HMAC-SHA256 key of the webhooks' `X-Roomcast-Signature`; default: the --api-key.
+    #[arg(long, env = "ROOMCAST_WEBHOOK_SECRET", hide_env_values = true, value_parser = non_empty_secret)]
+    pub webhook_secret: Option<String>,
+    /// Most webhook events waiting to be sent; beyond it the oldest are dropped.
+    #[arg(long, env = "ROOMCAST_WEBHOOK_QUEUE", default_value_t = 100_000, value_parser = at_least_one)]
+    pub webhook_queue: usize,
     /// Enable the `/echo` WebSocket endpoint (conformance suite, echo benchmark).
     #[arg(long, env = "ROOMCAST_ECHO")]
     pub echo: bool,
@@ -154,6 +166,30 @@ fn non_empty_secret(value: &str) -> Result<String, String> {
          make one with `openssl rand -hex 32`"
             .into()
     })
+}
+
+/// A count of at least one (a queue of no events could hold nothing).
+fn at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(count) if count >= 1 => Ok(count),
+        _ => Err("expected a whole number of at least 1".into()),
+    }
+}
+
+/// An absolute `http://` or `https://` URL with a host: where webhook
+/// batches go (§14.2). Checked at start so a typo stops the start rather
+/// than failing every delivery later.
+fn webhook_url(value: &str) -> Result<String, String> {
+    const FORM: &str = "expected an http:// or https:// URL, e.g. https://backend.example/roomcast";
+    let uri: ureq::http::Uri = value.parse().map_err(|error| format!("{error}; {FORM}"))?;
+    let scheme = uri.scheme_str().map(str::to_ascii_lowercase);
+    if !matches!(scheme.as_deref(), Some("http" | "https")) {
+        return Err(FORM.into());
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("no host; {FORM}"));
+    }
+    Ok(value.to_owned())
 }
 
 /// A token lifetime of at least one second: a TTL of 0 or less would mint a
@@ -209,11 +245,16 @@ pub fn parse_command_line() -> Cli {
     let Ok(matches) = Cli::command().try_get_matches_from(&arguments) else {
         return cli;
     };
-    match crate::config_file::file_arguments(&path, &matches) {
-        Ok(words) if words.is_empty() => cli,
-        Ok(words) => {
-            arguments.extend(words);
-            parse_or_exit(&arguments, Some(&path))
+    match crate::config_file::file_settings(&path, &matches) {
+        Ok(settings) => {
+            let mut cli = if settings.words.is_empty() {
+                cli
+            } else {
+                arguments.extend(settings.words);
+                parse_or_exit(&arguments, Some(&path))
+            };
+            cli.server.namespaces = settings.namespaces;
+            cli
         }
         Err(error) => {
             eprintln!("error: {error}");
@@ -332,9 +373,23 @@ pub enum ConfigError {
     /// `--redis` is not a Redis URL.
     #[error("--redis: {0}")]
     RedisUrl(String),
+    /// §14.2: webhooks are signed, with `--webhook-secret` or the `--api-key`.
+    #[error(
+        "--webhook-url needs a key to sign the webhooks with: set --webhook-secret \
+         (ROOMCAST_WEBHOOK_SECRET) or --api-key (ROOMCAST_API_KEY)"
+    )]
+    WebhookSecretMissing,
 }
 
 impl ServerArgs {
+    /// Every room's options: the config file's namespaces over the flags.
+    pub fn namespaces(&self) -> crate::hub::Namespaces {
+        crate::hub::Namespaces::new(
+            crate::hub::RoomOptions::defaults(self.history),
+            &self.namespaces,
+        )
+    }
+
     /// Checks the rules that span several flags.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let needed = self
@@ -351,7 +406,15 @@ impl ServerArgs {
         {
             return Err(ConfigError::RedisUrl(error.to_string()));
         }
+        if self.webhook_url.is_some() && self.webhook_signing_key().is_none() {
+            return Err(ConfigError::WebhookSecretMissing);
+        }
         Ok(())
+    }
+
+    /// The key that signs webhooks: `--webhook-secret`, else the `--api-key`.
+    pub fn webhook_signing_key(&self) -> Option<&str> {
+        self.webhook_secret.as_deref().or(self.api_key.as_deref())
     }
 
     /// The event loops to run: `--threads`, else the cores the process may use.
@@ -412,6 +475,40 @@ mod tests {
         assert!(cli.server.validate().is_err());
         let cli = Cli::try_parse_from(["roomcast", "--redis", "redis://127.0.0.1:6379"]).unwrap();
         assert!(cli.server.validate().is_ok());
+    }
+
+    #[test]
+    fn webhook_flags_are_checked() {
+        for args in [
+            vec!["roomcast", "--webhook-url", "ftp://backend/hook"],
+            vec!["roomcast", "--webhook-url", "backend.example/hook"],
+            vec!["roomcast", "--webhook-url", "http://"],
+            vec!["roomcast", "--webhook-url", ""],
+            vec!["roomcast", "--webhook-secret", ""],
+            vec!["roomcast", "--webhook-queue", "0"],
+            vec!["roomcast", "--webhook-queue", "-1"],
+        ] {
+            let error = Cli::try_parse_from(&args).unwrap_err();
+            assert_eq!(error.exit_code(), 2, "{args:?}");
+        }
+        let cli = Cli::try_parse_from(["roomcast"]).unwrap();
+        assert_eq!(cli.server.webhook_queue, 100_000);
+        let url = [
+            "roomcast",
+            "--webhook-url",
+            "HTTPS://backend.example:8443/hook",
+        ];
+        let cli = Cli::try_parse_from(url).unwrap();
+        assert!(matches!(
+            cli.server.validate(),
+            Err(ConfigError::WebhookSecretMissing)
+        ));
+        let cli = Cli::try_parse_from([&url[..], &["--api-key", "k"]].concat()).unwrap();
+        assert_eq!(cli.server.webhook_signing_key(), Some("k"));
+        assert!(cli.server.validate().is_ok());
+        let both = [&url[..], &["--api-key", "k", "--webhook-secret", "w"]].concat();
+        let cli = Cli::try_parse_from(both).unwrap();
+        assert_eq!(cli.server.webhook_signing_key(), Some("w"));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! the flag's name without dashes, `-` written `_`. A flag or its environment
 //! variable wins over the file, the file over the default. Strict: an
 //! unknown key, a value of the wrong type, or an unreadable file stops the
-//! start (exit 2) naming the key or the file.
+//! start (exit 2) naming the key or the file. `[[namespace]]` tables are
+//! read strictly into [`NamespaceSpec`]s, which no flag sets.
 //!
 //! The file's values are turned into the command line they stand for and
 //! parsed by clap with the rest, so every flag's own checks apply to them.
@@ -13,7 +14,10 @@ use std::path::Path;
 use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, CommandFactory};
 
+use serde::Deserialize;
+
 use crate::config::Cli;
+use crate::hub::NamespaceSpec;
 
 /// Why the config file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -52,19 +56,31 @@ pub enum ConfigFileError {
         /// What was expected.
         reason: String,
     },
-    /// A part of §14.1 this build does not have yet.
-    #[error("--config {path}: `{key}` is not supported by this build yet")]
-    Unsupported {
+    /// A `[[namespace]]` table that is not one.
+    #[error("--config {path}: namespace {index}: {reason}")]
+    BadNamespace {
         /// The file.
         path: String,
-        /// The key.
-        key: String,
+        /// Which `[[namespace]]`, from 1.
+        index: usize,
+        /// What is wrong (an unknown key or a wrong type, named).
+        reason: String,
     },
 }
 
+/// What a config file sets: flags, and namespaces, which no flag sets.
+#[derive(Debug, Default)]
+pub struct FileSettings {
+    /// The command-line words of the keys no flag or variable overrides.
+    pub words: Vec<OsString>,
+    /// The `[[namespace]]` tables, in file order.
+    pub namespaces: Vec<NamespaceSpec>,
+}
+
 /// The command-line words the file's keys stand for, for every key whose
-/// flag was given neither on the command line nor in the environment.
-pub fn file_arguments(path: &Path, matches: &ArgMatches) -> Result<Vec<OsString>, ConfigFileError> {
+/// flag was given neither on the command line nor in the environment, and
+/// its namespaces.
+pub fn file_settings(path: &Path, matches: &ArgMatches) -> Result<FileSettings, ConfigFileError> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|error| ConfigFileError::Unreadable {
         path: name.clone(),
@@ -75,13 +91,11 @@ pub fn file_arguments(path: &Path, matches: &ArgMatches) -> Result<Vec<OsString>
         reason: error.to_string().trim().to_string(),
     })?;
     let command = Cli::command();
-    let mut words = Vec::new();
+    let mut settings = FileSettings::default();
     for (key, value) in &table {
         if key == "namespace" {
-            return Err(ConfigFileError::Unsupported {
-                path: name,
-                key: key.clone(),
-            });
+            settings.namespaces = namespaces(&name, value)?;
+            continue;
         }
         let argument = command
             .get_arguments()
@@ -106,10 +120,39 @@ pub fn file_arguments(path: &Path, matches: &ArgMatches) -> Result<Vec<OsString>
             }
         })?;
         if !given {
-            words.extend(own);
+            settings.words.extend(own);
         }
     }
-    Ok(words)
+    Ok(settings)
+}
+
+/// The `[[namespace]]` tables: each strictly a [`NamespaceSpec`], with
+/// prefixes not repeated.
+fn namespaces(path: &str, value: &toml::Value) -> Result<Vec<NamespaceSpec>, ConfigFileError> {
+    let bad = |index: usize, reason: String| ConfigFileError::BadNamespace {
+        path: path.to_string(),
+        index,
+        reason,
+    };
+    let toml::Value::Array(tables) = value else {
+        return Err(bad(
+            0,
+            "write each namespace as a [[namespace]] table".into(),
+        ));
+    };
+    let mut specs: Vec<NamespaceSpec> = Vec::with_capacity(tables.len());
+    for (index, table) in tables.iter().enumerate() {
+        let spec = NamespaceSpec::deserialize(table.clone())
+            .map_err(|error| bad(index + 1, error.to_string().trim().to_string()))?;
+        if specs.iter().any(|earlier| earlier.prefix == spec.prefix) {
+            return Err(bad(
+                index + 1,
+                format!("prefix `{}` is given twice", spec.prefix),
+            ));
+        }
+        specs.push(spec);
+    }
+    Ok(specs)
 }
 
 /// The words `--flag [value]` for one key's value, by the kind of flag it

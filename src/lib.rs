@@ -19,4 +19,5 @@ pub mod outbound;
 pub mod protocol;
 pub mod state;
 pub(crate) mod timers;
+pub mod webhook;
 pub mod ws;

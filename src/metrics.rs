@@ -100,6 +100,8 @@ pub struct Gauges {
     pub redis_up: Option<bool>,
     /// Event loops in the process (`--threads`).
     pub threads: usize,
+    /// With `--webhook-url`: the process's webhook figures.
+    pub webhooks: Option<crate::webhook::WebhookStats>,
 }
 
 impl Metrics {
@@ -241,6 +243,33 @@ impl Metrics {
                 u64::from(up),
             ));
         }
+        // Only with --webhook-url, like redis_up: zeros would read as a
+        // webhook that is configured and idle.
+        if let Some(webhooks) = gauges.webhooks {
+            families.push(Family {
+                label: "result",
+                ..Family::labelled(
+                    "webhook_events_total",
+                    "Webhook events delivered (2xx) or dropped from a full queue.",
+                    vec![
+                        ("delivered", webhooks.delivered),
+                        ("dropped", webhooks.dropped),
+                    ],
+                )
+            });
+            families.push(Family::plain(
+                "webhook_queue_events",
+                "Webhook events waiting to be sent (the batch in flight not counted).",
+                "gauge",
+                webhooks.queued as u64,
+            ));
+            families.push(Family::plain(
+                "webhook_failures_total",
+                "Failed webhook attempts: a status other than 2xx, no answer in 5 s, a connection error.",
+                "counter",
+                webhooks.failures,
+            ));
+        }
         families
     }
 
@@ -256,8 +285,9 @@ impl Metrics {
                     let _ = writeln!(out, "roomcast_{name} {value}");
                 }
                 Value::Labelled(values) => {
+                    let key = family.label;
                     for (label, value) in values {
-                        let _ = writeln!(out, "roomcast_{name}{{reason=\"{label}\"}} {value}");
+                        let _ = writeln!(out, "roomcast_{name}{{{key}=\"{label}\"}} {value}");
                     }
                 }
             }
@@ -329,6 +359,8 @@ struct Family {
     name: &'static str,
     help: &'static str,
     kind: &'static str,
+    /// The label's name of a labelled family.
+    label: &'static str,
     value: Value,
 }
 
@@ -338,6 +370,7 @@ impl Family {
             name,
             help,
             kind,
+            label: "",
             value: Value::Plain(value),
         }
     }
@@ -347,6 +380,7 @@ impl Family {
             name,
             help,
             kind: "counter",
+            label: "reason",
             value: Value::Labelled(values),
         }
     }
@@ -394,6 +428,31 @@ mod tests {
             assert!(text.contains(&line), "{line} missing");
         }
         assert!(!text.contains("redis_up"));
+        assert!(!text.contains("webhook"));
+    }
+
+    #[test]
+    fn webhook_families_render_with_their_result_label() {
+        let gauges = Gauges {
+            webhooks: Some(crate::webhook::WebhookStats {
+                delivered: 250,
+                dropped: 40,
+                queued: 10,
+                failures: 3,
+            }),
+            ..Gauges::default()
+        };
+        let metrics = Metrics::default();
+        let text = metrics.prometheus(gauges);
+        assert!(text.contains("roomcast_webhook_events_total{result=\"delivered\"} 250"));
+        assert!(text.contains("roomcast_webhook_events_total{result=\"dropped\"} 40"));
+        assert!(text.contains("# TYPE roomcast_webhook_queue_events gauge"));
+        assert!(text.contains("roomcast_webhook_queue_events 10"));
+        assert!(text.contains("roomcast_webhook_failures_total 3"));
+        let stats: serde_json::Value = serde_json::from_str(&metrics.stats_json(gauges)).unwrap();
+        assert_eq!(stats["webhook_events_total"]["delivered"], 250);
+        assert_eq!(stats["webhook_queue_events"], 10);
+        assert_eq!(stats["webhook_failures_total"], 3);
     }
 
     #[test]
@@ -404,6 +463,7 @@ mod tests {
             rooms: 2,
             redis_up: Some(true),
             threads: 4,
+            webhooks: None,
         };
         let text = metrics.prometheus(gauges);
         let stats: serde_json::Value = serde_json::from_str(&metrics.stats_json(gauges)).unwrap();

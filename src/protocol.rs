@@ -46,6 +46,8 @@ pub enum ErrorCode {
     RateLimited,
     /// The cluster backend is unreachable.
     Unavailable,
+    /// The room has its namespace's `max_members` users (§14.1).
+    RoomFull,
 }
 
 impl ErrorCode {
@@ -63,6 +65,7 @@ impl ErrorCode {
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::RoomFull => "room_full",
         }
     }
 }

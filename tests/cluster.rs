@@ -1096,3 +1096,50 @@ fn nodes_of_two_loops_each_behave_as_one_server() {
         assert_eq!(next["type"], "pong", "{who}: a second user_left: {next}");
     }
 }
+
+/// A config file of namespaces, for nodes started with `--config`.
+fn namespace_file(text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("roomcast-cluster-ns-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("namespaces.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn namespaces_hold_across_nodes() {
+    let file = namespace_file(
+        "[[namespace]]\nprefix = \"duo:\"\nmax_members = 2\nmember_events = false\nhistory = 2\n\
+         [[namespace]]\nprefix = \"feed:\"\nclient_publish = false\n",
+    );
+    let redis = Redis::start();
+    let config = ["--config", file.to_str().unwrap()];
+    let (a, b) = (node(&redis, &config), node(&redis, &config));
+    let mut alice = a.connect("alice");
+    let mut bob = b.connect("bob");
+    let mut carol = a.connect("carol");
+    alice.join("duo:x");
+    bob.join("duo:x");
+    // max_members counts users on every node.
+    carol.send(json!({"type": "join", "id": "c", "payload": {"room": "duo:x"}}));
+    let refused = recv_kinds(&mut carol, &["joined", "error"]);
+    assert_eq!(refused["payload"]["code"], "room_full", "{refused}");
+    // member_events = false: no `user_joined` for bob before his message.
+    for n in 1..=3 {
+        bob.send(json!({"type": "message", "id": n, "payload": {"room": "duo:x", "content": n}}));
+        recv_kinds(&mut bob, &["ack"]);
+    }
+    let first = alice.recv();
+    assert_eq!(first["type"], "message", "{first}");
+    // The namespace's history (2) bounds the Redis list.
+    let mut late = b.connect("bob");
+    let joined = join_with(&mut late, json!({"room": "duo:x", "since": 0}));
+    assert_eq!(joined["payload"]["seq"], 3);
+    let replayed = recv_kinds(&mut late, &["message"]);
+    assert_eq!(replayed["payload"]["seq"], 2, "{replayed}");
+    // A read-only namespace on any node.
+    carol.join("feed:news");
+    carol.send(json!({"type": "message", "id": 9, "payload": {"room": "feed:news", "content": 1}}));
+    let refused = recv_kinds(&mut carol, &["ack", "error"]);
+    assert_eq!(refused["payload"]["code"], "forbidden", "{refused}");
+}

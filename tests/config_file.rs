@@ -129,9 +129,20 @@ fn unknown_keys_wrong_types_and_unreadable_files_exit_2_naming_them() {
         ("origins", "allowed_origin = [1]\n", "allowed_origin"),
         ("toml", "history = \n", "not valid TOML"),
         (
-            "namespace",
-            "[[namespace]]\nprefix = \"news:\"\n",
-            "namespace",
+            "namespace key",
+            "[[namespace]]\nprefix = \"news:\"\nmax_member = 3\n",
+            "max_member",
+        ),
+        (
+            "namespace type",
+            "[[namespace]]\nprefix = \"news:\"\nclient_publish = \"no\"\n",
+            "namespace 1",
+        ),
+        ("namespace prefix", "[[namespace]]\nhistory = 3\n", "prefix"),
+        (
+            "namespace twice",
+            "[[namespace]]\nprefix = \"a\"\n[[namespace]]\nprefix = \"a\"\n",
+            "given twice",
         ),
     ];
     for (name, text, named) in cases {
@@ -210,4 +221,99 @@ fn relative_paths_in_the_file_are_taken_from_the_working_directory() {
         first.contains("listening on https://"),
         "expected a TLS banner from the working directory's pair, got {first:?}; stderr: {errors}"
     );
+}
+
+#[test]
+fn webhook_flags_exit_2_on_a_bad_url_or_no_signing_key() {
+    let listen = ["--listen", "127.0.0.1:0"];
+    let (code, errors) = run_to_exit(
+        &[&listen[..], &["--webhook-url", "ftp://backend/hook"]].concat(),
+        &[],
+    );
+    assert_eq!(code, Some(2), "{errors}");
+    assert!(errors.contains("--webhook-url"), "{errors}");
+    let (code, errors) = run_to_exit(&listen, &[("ROOMCAST_WEBHOOK_URL", "backend/hook")]);
+    assert_eq!(code, Some(2), "{errors}");
+    assert!(errors.contains("ROOMCAST_WEBHOOK_URL"), "{errors}");
+    // Neither --webhook-secret nor --api-key: nothing to sign with.
+    let (code, errors) = run_to_exit(
+        &[&listen[..], &["--webhook-url", "http://127.0.0.1:9/hook"]].concat(),
+        &[],
+    );
+    assert_eq!(code, Some(2), "{errors}");
+    assert!(errors.contains("--webhook-secret"), "{errors}");
+    let (code, errors) = run_to_exit(
+        &[
+            &listen[..],
+            &[
+                "--webhook-url",
+                "http://127.0.0.1:9/hook",
+                "--webhook-secret",
+                "",
+            ],
+        ]
+        .concat(),
+        &[],
+    );
+    assert_eq!(code, Some(2), "{errors}");
+}
+
+#[test]
+fn webhook_keys_in_the_file_configure_the_webhook() {
+    let receiver = common::webhook_receiver::WebhookReceiver::start();
+    let file = scratch(
+        "webhook",
+        &format!(
+            "webhook_url = \"{}\"\nwebhook_secret = \"from-the-file\"\nwebhook_queue = 5\n",
+            receiver.url()
+        ),
+    );
+    // Started with no --api-key: the file's secret is what lets it start.
+    let server = TestServer::start(&["--config", file.to_str().unwrap()]);
+    let metrics = server.raw(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert_eq!(status_of(&metrics), 200);
+    for family in [
+        "roomcast_webhook_events_total{result=\"delivered\"} 0",
+        "roomcast_webhook_events_total{result=\"dropped\"} 0",
+        "roomcast_webhook_queue_events 0",
+        "roomcast_webhook_failures_total 0",
+    ] {
+        assert!(metrics.contains(family), "{family} missing:\n{metrics}");
+    }
+    drop(server);
+    // Without the webhook, no webhook families.
+    let server = TestServer::start(&[]);
+    let metrics = server.raw(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(!metrics.contains("roomcast_webhook"), "{metrics}");
+    // A bad value in the file exits 2 naming its key; a URL with no key too.
+    for (name, text, named) in [
+        (
+            "webhook-queue",
+            "webhook_url = \"http://127.0.0.1:9/\"\nwebhook_secret = \"s\"\nwebhook_queue = 0\n",
+            "webhook_queue",
+        ),
+        (
+            "webhook-url",
+            "webhook_url = \"nope\"\nwebhook_secret = \"s\"\n",
+            "webhook_url",
+        ),
+        (
+            "webhook-key",
+            "webhook_url = \"http://127.0.0.1:9/\"\n",
+            "--webhook-secret",
+        ),
+    ] {
+        let file = scratch(name, text);
+        let (code, errors) = run_to_exit(
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--config",
+                file.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert_eq!(code, Some(2), "{name}: {errors}");
+        assert!(errors.contains(named), "{name}: names `{named}`: {errors}");
+    }
 }

@@ -537,7 +537,7 @@ pub mod template {
 
 fn hub_config() -> HubConfig {
     HubConfig {
-        history: 4,
+        namespaces: std::sync::Arc::new(roomcast::hub::Namespaces::none(4)),
         max_rooms_per_connection: 3,
         typing_timeout_ms: 300,
         heartbeat_ms: 1000,
@@ -549,6 +549,7 @@ fn hub_config() -> HubConfig {
             hard: 4096,
         },
         verifier: Verifier::new(SECRET),
+        webhooks: None,
     }
 }
 

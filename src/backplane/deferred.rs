@@ -13,7 +13,7 @@ use bytes::Bytes;
 use super::local::LocalBackplane;
 use super::{
     Answer, Backplane, Effect, JoinRequest, JoinState, LocalView, PresenceEntry, Publication,
-    Published, Reply, RequestId, Retention, RoomRef, RoomTraffic, UserItem, UserRef,
+    Published, Remaining, Reply, RequestId, Retention, RoomRef, RoomTraffic, UserItem, UserRef,
 };
 use crate::hub::Millis;
 use crate::state::RoomSnapshot;
@@ -29,10 +29,10 @@ pub struct DeferredBackplane {
 }
 
 impl DeferredBackplane {
-    /// Rooms keep `history` messages each.
-    pub fn new(history: usize) -> Self {
+    /// Rooms keep the messages their namespace says.
+    pub fn new(namespaces: std::sync::Arc<crate::hub::Namespaces>) -> Self {
         DeferredBackplane {
-            inner: LocalBackplane::new(history),
+            inner: LocalBackplane::new(namespaces, super::events::RoomEvents::default()),
             next_request: 0,
             queued: Vec::new(),
             released: Vec::new(),
@@ -122,13 +122,9 @@ impl Backplane for DeferredBackplane {
         &mut self,
         room: RoomRef<'_>,
         user: UserRef<'_>,
-        connections_here: u32,
-        users_here: usize,
+        left: Remaining,
     ) -> Option<Bytes> {
-        if let Some(frame) = self
-            .inner
-            .member_left(room, user, connections_here, users_here)
-        {
+        if let Some(frame) = self.inner.member_left(room, user, left) {
             self.traffic(room.name, None, None, frame);
         }
         None

@@ -8,14 +8,16 @@
 
 use std::any::Any;
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::events::RoomEvents;
 use super::{
     Backplane, Effect, JoinRequest, JoinState, LocalView, PresenceEntry, Publication, Published,
-    Reply, Retention, RoomRef, UserItem, UserRef,
+    Remaining, Reply, Retention, RoomRef, UserItem, UserRef,
 };
-use crate::hub::{EMPTY_ROOM_TTL_MS, Millis, random_epoch};
+use crate::hub::{EMPTY_ROOM_TTL_MS, Millis, Namespaces, RoomOptions, random_epoch};
 use crate::protocol::FrameBuilder;
 use crate::state::RoomSnapshot;
 
@@ -26,12 +28,16 @@ struct Authority {
     seq: u64,
     /// Encoded `message` frames with their seq, oldest first.
     history: VecDeque<(u64, Bytes)>,
+    /// Its namespace's options, looked up once when the room opens.
+    options: RoomOptions,
 }
 
 /// The backplane of a single event loop.
 pub struct LocalBackplane {
-    /// Messages kept per room for recovery.
-    history: usize,
+    /// Every room's options (history kept, member events, max members).
+    namespaces: Arc<Namespaces>,
+    /// Where membership changes and messages go for the webhook.
+    events: RoomEvents,
     /// By the hub's room key.
     rooms: Vec<Option<Authority>>,
     /// Bumped by every change `export_rooms` would show.
@@ -39,10 +45,11 @@ pub struct LocalBackplane {
 }
 
 impl LocalBackplane {
-    /// Rooms keep `history` messages each for recovery.
-    pub fn new(history: usize) -> Self {
+    /// Rooms keep the messages their namespace says for recovery.
+    pub fn new(namespaces: Arc<Namespaces>, events: RoomEvents) -> Self {
         LocalBackplane {
-            history,
+            namespaces,
+            events,
             rooms: Vec::new(),
             changes: 0,
         }
@@ -58,10 +65,10 @@ impl LocalBackplane {
 
     /// Puts a saved room's epoch, seq and history under the room just opened.
     pub fn restore(&mut self, room: RoomRef<'_>, snapshot: RoomSnapshot) {
-        let history = snapshot.history_frames(self.history);
         let Some(authority) = self.authority_mut(room) else {
             return;
         };
+        let history = snapshot.history_frames(authority.options.history);
         authority.epoch = snapshot.epoch.into_boxed_str();
         authority.seq = snapshot.seq;
         authority.history = history;
@@ -89,6 +96,7 @@ impl Backplane for LocalBackplane {
                 epoch: random_epoch(),
                 seq: 0,
                 history: VecDeque::new(),
+                options: *self.namespaces.for_room(room.name),
             });
         }
         self.changes += 1;
@@ -109,6 +117,11 @@ impl Backplane for LocalBackplane {
         let Some(authority) = self.authority(join.room) else {
             return Reply::Unavailable;
         };
+        let new_user = join.first && join.connections_here == 1;
+        let users_before = join.users_here.saturating_sub(1) as u64;
+        if new_user && !authority.options.admits(users_before) {
+            return Reply::Now(JoinState::full(users_before));
+        }
         let same_epoch = join.epoch.is_none_or(|epoch| epoch == &*authority.epoch);
         let replay = match join.since {
             Some(since) if same_epoch && since <= authority.seq => authority
@@ -119,7 +132,12 @@ impl Backplane for LocalBackplane {
                 .collect(),
             _ => Vec::new(),
         };
-        let announce = (join.first && join.connections_here == 1).then(|| {
+        if new_user {
+            let users = join.users_here as u64;
+            self.events
+                .user_joined(join.room.name, join.user.json, users, join.now);
+        }
+        let announce = (new_user && authority.options.member_events).then(|| {
             member_frame(
                 "user_joined",
                 join.room.name,
@@ -134,14 +152,15 @@ impl Backplane for LocalBackplane {
             oldest_held: authority.history.front().map(|(seq, _)| *seq),
             replay,
             announce,
+            full: false,
         })
     }
 
     fn publish(&mut self, message: &Publication<'_>) -> Reply<Published> {
-        let keep = self.history;
         let Some(authority) = self.authority_mut(message.room) else {
             return Reply::Unavailable;
         };
+        let keep = authority.options.history;
         authority.seq += 1;
         let seq = authority.seq;
         let frame = FrameBuilder::with_capacity(
@@ -161,6 +180,11 @@ impl Backplane for LocalBackplane {
             }
             authority.history.push_back((seq, frame.clone()));
         }
+        if message.webhook {
+            let (user, content) = (message.user_json, message.content);
+            let room = message.room.name;
+            self.events.message(room, seq, user, content, message.now);
+        }
         self.changes += 1;
         Reply::Now(Published {
             seq,
@@ -177,10 +201,18 @@ impl Backplane for LocalBackplane {
         &mut self,
         room: RoomRef<'_>,
         user: UserRef<'_>,
-        connections_here: u32,
-        users_here: usize,
+        left: Remaining,
     ) -> Option<Bytes> {
-        (connections_here == 0).then(|| member_frame("user_left", room.name, user.json, users_here))
+        if left.connections_here > 0 {
+            return None;
+        }
+        let users = left.users_here;
+        self.events
+            .user_left(room.name, user.json, users as u64, left.now);
+        let announce = self
+            .authority(room)
+            .is_some_and(|authority| authority.options.member_events);
+        announce.then(|| member_frame("user_left", room.name, user.json, users))
     }
 
     fn user_connections(&mut self, _user_id: &str, _connections: usize) {}

@@ -21,6 +21,7 @@
 
 #[cfg(test)]
 pub(crate) mod deferred;
+pub mod events;
 pub mod local;
 pub mod loops;
 pub mod redis;
@@ -83,6 +84,8 @@ pub struct JoinRequest<'a> {
     /// Whether this connection was not yet a member (a repeated `join`
     /// only reads the state).
     pub first: bool,
+    /// When it was asked (for the webhook events it causes).
+    pub now: Millis,
 }
 
 /// The room's state as a join finds it: what `joined` says and the replay.
@@ -102,6 +105,24 @@ pub struct JoinState {
     /// A frame to deliver now to the room's other members (`user_joined`
     /// when the user's first connection joined and nobody else announces it).
     pub announce: Option<Bytes>,
+    /// The room already has its namespace's `max_members` users and the
+    /// joiner is not one of them: nothing took effect (`room_full`).
+    pub full: bool,
+}
+
+impl JoinState {
+    /// The answer to a join refused for `max_members` (§14.1).
+    pub fn full(count: u64) -> Self {
+        JoinState {
+            count,
+            seq: 0,
+            epoch: Box::from(""),
+            oldest_held: None,
+            replay: Vec::new(),
+            announce: None,
+            full: true,
+        }
+    }
 }
 
 /// A message to publish.
@@ -115,6 +136,9 @@ pub struct Publication<'a> {
     pub content: &'a str,
     /// When it was sent.
     pub now: Millis,
+    /// A client message in a room with `webhook_messages`: the authority
+    /// also sends it to the webhook once it has its seq.
+    pub webhook: bool,
 }
 
 /// A published message.
@@ -149,6 +173,17 @@ pub enum UserItem {
     Direct(Bytes),
     /// `/api/disconnect`: close every connection with 4003.
     Kick,
+}
+
+/// What remains of a room here after a connection left it.
+#[derive(Debug, Clone, Copy)]
+pub struct Remaining {
+    /// The leaving user's connections still in the room here.
+    pub connections_here: u32,
+    /// Users still in the room here.
+    pub users_here: usize,
+    /// When it left.
+    pub now: Millis,
 }
 
 /// One user in a room for `presence`: (user id, connections, user JSON).
@@ -286,14 +321,14 @@ pub trait Backplane {
     /// dropped during an outage).
     fn room_frame(&mut self, room: RoomRef<'_>, frame: &Bytes, except: Option<&str>) -> bool;
 
-    /// A connection left a room: `connections_here` of the user remain, and
-    /// `users_here` users. `Some`: a frame to deliver here now (`user_left`).
+    /// A connection left a room at `now`: `connections_here` of the user
+    /// remain, and `users_here` users. `Some`: a frame to deliver here now
+    /// (`user_left`).
     fn member_left(
         &mut self,
         room: RoomRef<'_>,
         user: UserRef<'_>,
-        connections_here: u32,
-        users_here: usize,
+        left: Remaining,
     ) -> Option<Bytes>;
 
     /// The user's connections here changed to `connections`.

@@ -112,6 +112,7 @@ impl Hub {
             return Some(ApiAnswer::Unavailable);
         };
         let publication = Publication {
+            webhook: false,
             room: room_ref,
             user_json: protocol::SERVER_USER_JSON,
             content,

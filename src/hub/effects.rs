@@ -304,6 +304,16 @@ impl Hub {
         if !alive {
             return;
         }
+        if state.full {
+            self.joins_in_flight.remove(&request);
+            if first && self.rooms.get(room).is_some_and(|r| r.life == life) {
+                self.drop_unadmitted_membership(conn, room, now);
+            }
+            let refusal = frames::room_full(&name, self.config.namespaces.for_room(&name));
+            let frame = error_frame(id.as_deref(), refusal.code, &refusal.message);
+            self.fill(conn, request, Slot::Done(vec![frame], None), now);
+            return;
+        }
         let frames = frames::joined(id.as_deref(), &name, &state, since, epoch.as_deref());
         let room = (first && self.has_cursor(conn, room)).then_some(room);
         self.fill(conn, request, Slot::Done(frames, room), now);

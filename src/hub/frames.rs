@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use super::Refusal;
+use super::{Refusal, RoomOptions};
 use crate::backplane::{JoinState, PresenceEntry};
 use crate::protocol::{ErrorCode, FrameBuilder, error_frame};
 
@@ -103,6 +103,14 @@ pub(super) fn user_offline(to: &str) -> Refusal {
     Refusal::new(
         ErrorCode::UserOffline,
         format!("{} has no open connection", truncated(to)),
+    )
+}
+
+/// `room_full` for a join over the namespace's `max_members` (§14.1).
+pub(super) fn room_full(room: &str, options: &RoomOptions) -> Refusal {
+    Refusal::new(
+        ErrorCode::RoomFull,
+        format!("{room} has its {} members", options.max_members),
     )
 }
 

@@ -6,6 +6,14 @@ use super::session::{JoinCursor, Membership};
 use super::{ConnId, Hub, Millis, Room, RoomId, Timer, frames};
 use crate::backplane::{Retention, RoomRef, UserRef};
 
+/// A membership just taken away: whose it was, and what remains of the
+/// user in the room here.
+struct Detached {
+    user_id: Box<str>,
+    user_json: std::rc::Rc<str>,
+    connections_left: u32,
+}
+
 impl Hub {
     /// An entry for a room this hub did not know; the backplane opens it too.
     pub(super) fn create_room(&mut self, name: &str) -> RoomId {
@@ -118,20 +126,82 @@ impl Hub {
     /// decision) `user_left` go to the room when it was the user's last
     /// connection in it.
     pub(super) fn remove_membership(&mut self, conn: ConnId, room_id: RoomId, now: Millis) {
-        let Some(session) = self.sessions.get_mut(conn).and_then(Option::as_mut) else {
+        let Some(Detached {
+            user_id,
+            user_json,
+            connections_left,
+        }) = self.take_membership(conn, room_id)
+        else {
             return;
         };
-        let Some(position) = session.memberships.iter().position(|m| m.room == room_id) else {
+        let Some(room) = self.rooms.get_mut(room_id) else {
             return;
         };
+        let was_typing = connections_left == 0 && room.typing.remove(&user_id).is_some();
+        if was_typing {
+            let frame = frames::typing(&room.name, &user_json, false);
+            self.room_frame(room_id, &frame, Some(&user_id));
+        }
+        let Some(room) = self.rooms.get(room_id) else {
+            return;
+        };
+        let announce = self.backplane.member_left(
+            RoomRef {
+                id: room_id,
+                name: &room.name,
+            },
+            UserRef {
+                id: &user_id,
+                json: &user_json,
+            },
+            crate::backplane::Remaining {
+                connections_here: connections_left,
+                users_here: room.users.len(),
+                now,
+            },
+        );
+        if let Some(frame) = announce {
+            self.broadcast(room_id, &frame, super::delivery::Except::Nobody);
+        }
+        self.left_empty(room_id, now);
+    }
+
+    /// Undoes the membership of a join the room's authority refused
+    /// (`room_full`): the authority never counted it, so it hears nothing.
+    pub(super) fn drop_unadmitted_membership(
+        &mut self,
+        conn: ConnId,
+        room_id: RoomId,
+        now: Millis,
+    ) {
+        if self.take_membership(conn, room_id).is_some() {
+            self.left_empty(room_id, now);
+        }
+    }
+
+    /// When the room has no member here any more: no longer occupied here.
+    fn left_empty(&mut self, room_id: RoomId, now: Millis) {
+        if self
+            .rooms
+            .get(room_id)
+            .is_some_and(|room| room.members.is_empty())
+        {
+            self.occupied_rooms = self.occupied_rooms.saturating_sub(1);
+            self.room_without_members(room_id, now);
+        }
+    }
+
+    /// Takes the connection out of the room's members and the room out of
+    /// its memberships: who it was, and the user's connections left in it.
+    fn take_membership(&mut self, conn: ConnId, room_id: RoomId) -> Option<Detached> {
+        let session = self.sessions.get_mut(conn).and_then(Option::as_mut)?;
+        let position = session.memberships.iter().position(|m| m.room == room_id)?;
         let membership = session.memberships.swap_remove(position);
         // No `lagged` for a room the connection has left (§11).
         session.lagged.retain(|span| span.room != room_id);
         let user_id = session.user_id.clone();
         let user_json = session.user_json.clone();
-        let Some(room) = self.rooms.get_mut(room_id) else {
-            return;
-        };
+        let room = self.rooms.get_mut(room_id)?;
         if membership.cursor.is_some() {
             room.joining = room.joining.saturating_sub(1);
         }
@@ -158,34 +228,11 @@ impl Hub {
                 0
             }
         };
-        let was_typing = connections_left == 0 && room.typing.remove(&user_id).is_some();
-        if was_typing {
-            let frame = frames::typing(&room.name, &user_json, false);
-            self.room_frame(room_id, &frame, Some(&user_id));
-        }
-        let Some(room) = self.rooms.get(room_id) else {
-            return;
-        };
-        let announce = self.backplane.member_left(
-            RoomRef {
-                id: room_id,
-                name: &room.name,
-            },
-            UserRef {
-                id: &user_id,
-                json: &user_json,
-            },
+        Some(Detached {
+            user_id,
+            user_json,
             connections_left,
-            room.users.len(),
-        );
-        let now_empty = room.members.is_empty();
-        if let Some(frame) = announce {
-            self.broadcast(room_id, &frame, super::delivery::Except::Nobody);
-        }
-        if now_empty {
-            self.occupied_rooms = self.occupied_rooms.saturating_sub(1);
-            self.room_without_members(room_id, now);
-        }
+        })
     }
 
     /// The user's connections here changed: the backplane counts them for

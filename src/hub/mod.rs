@@ -24,6 +24,7 @@ mod effects;
 mod frames;
 mod invariants;
 mod membership;
+pub mod namespaces;
 mod requests;
 mod session;
 mod upkeep;
@@ -38,6 +39,7 @@ use bytes::Bytes;
 use slab::Slab;
 
 pub use api::{ApiAnswer, ApiKind};
+pub use namespaces::{NamespaceSpec, Namespaces, RoomOptions};
 
 use crate::auth::{Identity, Verifier};
 use crate::backplane::Backplane;
@@ -66,8 +68,9 @@ pub const EMPTY_ROOM_TTL_MS: Millis = 5 * 60 * 1000;
 /// The settings the hub needs, taken from the command line.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
-    /// Messages kept per room for recovery.
-    pub history: usize,
+    /// Each room's options by namespace (history kept, client publish,
+    /// member events, max members, webhook messages).
+    pub namespaces: std::sync::Arc<Namespaces>,
     /// Most rooms per connection.
     pub max_rooms_per_connection: usize,
     /// Typing expiry; 0 disables it.
@@ -84,6 +87,8 @@ pub struct HubConfig {
     pub marks: Marks,
     /// Verifies `refresh` tokens.
     pub verifier: Verifier,
+    /// `--webhook-url` (§14.2): where the hub reports what happens in rooms.
+    pub webhooks: Option<crate::webhook::Webhooks>,
 }
 
 /// A close the hub decided on; the I/O shell sends the close frame and ends the socket.
@@ -201,7 +206,11 @@ impl Refusal {
 impl Hub {
     /// A hub whose rooms live in this process (one event loop).
     pub fn new(config: HubConfig) -> Self {
-        let backplane = Box::new(LocalBackplane::new(config.history));
+        let events = crate::backplane::events::RoomEvents::new(config.webhooks.clone());
+        let backplane = Box::new(LocalBackplane::new(
+            std::sync::Arc::clone(&config.namespaces),
+            events,
+        ));
         Hub::with_backplane(config, backplane)
     }
 

@@ -57,7 +57,7 @@ impl Hub {
                 Ok(())
             }
             RequestBody::Message { room, content } => {
-                let room_id = self.member_room(conn, &room)?;
+                let room_id = self.publishable_room(conn, &room)?;
                 self.require_available()?;
                 self.send_message(conn, id, room_id, content.get(), now)
             }
@@ -121,6 +121,25 @@ impl Hub {
     /// The room, when the connection may name it and is a member of it.
     fn member_room(&self, conn: ConnId, room: &str) -> Result<RoomId, Refusal> {
         self.check_room(conn, room)?;
+        self.membership_of(conn, room)
+    }
+
+    /// The room of a client `message`: as [`Hub::member_room`], with the
+    /// namespace's `client_publish` between the claim and the membership
+    /// (the order of §11: what the client may never do before what it has
+    /// not done yet).
+    fn publishable_room(&self, conn: ConnId, room: &str) -> Result<RoomId, Refusal> {
+        self.check_room(conn, room)?;
+        if !self.config.namespaces.for_room(room).client_publish {
+            return Err(Refusal::new(
+                ErrorCode::Forbidden,
+                format!("clients may not publish in {room}; the server publishes there"),
+            ));
+        }
+        self.membership_of(conn, room)
+    }
+
+    fn membership_of(&self, conn: ConnId, room: &str) -> Result<RoomId, Refusal> {
         let member_of = self
             .room_ids
             .get(room)
@@ -188,10 +207,20 @@ impl Hub {
             since,
             epoch,
             first,
+            now,
         };
         let serial = session.serial;
         let life = room_state.life;
         match self.backplane.join(&request) {
+            Reply::Now(state) if state.full => {
+                if first {
+                    self.drop_unadmitted_membership(conn, room_id, now);
+                }
+                return Err(frames::room_full(
+                    room,
+                    self.config.namespaces.for_room(room),
+                ));
+            }
             Reply::Now(state) => {
                 if let Some(announce) = &state.announce {
                     self.broadcast(room_id, announce, super::delivery::Except::Connection(conn));
@@ -250,11 +279,14 @@ impl Hub {
         }) else {
             return Ok(());
         };
+        let webhook = self.config.webhooks.is_some()
+            && self.config.namespaces.for_room(room.name).webhook_messages;
         let publication = Publication {
             room,
             user_json: &user_json,
             content,
             now,
+            webhook,
         };
         match self.backplane.publish(&publication) {
             Reply::Now(published) => {

@@ -23,7 +23,7 @@ const TYPING_TIMEOUT_MS: Millis = 6000;
 
 fn config() -> HubConfig {
     HubConfig {
-        history: 100,
+        namespaces: std::sync::Arc::new(crate::hub::Namespaces::none(100)),
         max_rooms_per_connection: 3,
         typing_timeout_ms: TYPING_TIMEOUT_MS,
         // Heartbeats have their own tests; the others move the clock by minutes.
@@ -36,6 +36,7 @@ fn config() -> HubConfig {
             hard: 4 * 1024 * 1024,
         },
         verifier: Verifier::new(SECRET),
+        webhooks: None,
     }
 }
 
@@ -48,7 +49,9 @@ thread_local! {
 /// suite runs that way (`the_rules_hold_when_the_backplane_answers_later`).
 fn hub_from(config: HubConfig) -> Hub {
     if ANSWER_LATER.get() {
-        let backplane = Box::new(DeferredBackplane::new(config.history));
+        let backplane = Box::new(DeferredBackplane::new(std::sync::Arc::clone(
+            &config.namespaces,
+        )));
         Hub::with_backplane(config, backplane)
     } else {
         Hub::new(config)
@@ -1554,7 +1557,8 @@ fn join_with_since_and_no_epoch_means_the_current_epoch() {
 
 #[test]
 fn join_with_since_past_the_history_cap_replays_what_is_held() {
-    let mut hub = hub_with(|config| config.history = 3);
+    let mut hub =
+        hub_with(|config| config.namespaces = std::sync::Arc::new(crate::hub::Namespaces::none(3)));
     let (epoch, _) = news_with_five_messages(&mut hub);
     connect(&mut hub, 1, "bob");
 
@@ -2527,6 +2531,22 @@ fn api_result(answer: Option<ApiAnswer>) -> Result<String, String> {
 fn the_rules_hold_when_the_backplane_answers_later() {
     let tests: &[(&str, fn())] = &[
         (
+            "a_read_only_namespace_refuses_client_messages_but_not_the_server_api",
+            a_read_only_namespace_refuses_client_messages_but_not_the_server_api,
+        ),
+        (
+            "without_member_events_members_hear_no_joins_or_leaves_but_counts_hold",
+            without_member_events_members_hear_no_joins_or_leaves_but_counts_hold,
+        ),
+        (
+            "max_members_counts_users_and_refuses_one_more_with_room_full",
+            max_members_counts_users_and_refuses_one_more_with_room_full,
+        ),
+        (
+            "a_namespace_keeps_its_own_history",
+            a_namespace_keeps_its_own_history,
+        ),
+        (
             "welcome_carries_connection_id_user_heartbeat_and_server_time",
             welcome_carries_connection_id_user_heartbeat_and_server_time,
         ),
@@ -2880,7 +2900,9 @@ const LOCAL_ONLY: &[&str] = &[
 
 #[test]
 fn replies_wait_in_order_behind_an_answer_that_comes_later() {
-    let backplane = Box::new(DeferredBackplane::new(100));
+    let backplane = Box::new(DeferredBackplane::new(std::sync::Arc::clone(
+        &config().namespaces,
+    )));
     let mut hub = Hub::with_backplane(config(), backplane);
     hub.connect(0, identity("alice"), None, NOW);
     send(
@@ -2906,4 +2928,133 @@ fn replies_wait_in_order_behind_an_answer_that_comes_later() {
     assert_eq!(frames[3]["id"], "m");
     assert_eq!(frames[3]["payload"]["seq"], 1);
     hub.check_invariants().unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Namespaces (§14.1)
+// ---------------------------------------------------------------------------
+
+/// A hub whose rooms under `prefix` have the namespace `spec` sets.
+fn hub_with_namespace(spec: crate::hub::NamespaceSpec) -> Hub {
+    hub_with(|config| {
+        config.namespaces = std::sync::Arc::new(crate::hub::Namespaces::new(
+            crate::hub::RoomOptions::defaults(100),
+            &[spec],
+        ));
+    })
+}
+
+fn namespace(prefix: &str) -> crate::hub::NamespaceSpec {
+    crate::hub::NamespaceSpec {
+        prefix: prefix.into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_read_only_namespace_refuses_client_messages_but_not_the_server_api() {
+    let mut hub = hub_with_namespace(crate::hub::NamespaceSpec {
+        client_publish: Some(false),
+        ..namespace("feed:")
+    });
+    connect(&mut hub, 0, "alice");
+    join(&mut hub, 0, "feed:news");
+    join(&mut hub, 0, "chat");
+    send(&mut hub, 0, &message("feed:news", "1"));
+    assert_eq!(single_error(&mut hub, 0).0, "forbidden");
+    // Before `not_in_room`: a client may never publish there.
+    send(&mut hub, 0, &message("feed:other", "1"));
+    assert_eq!(single_error(&mut hub, 0).0, "forbidden");
+    send(&mut hub, 0, &message("chat", "1"));
+    assert_eq!(types(&drain(&mut hub, 0)), ["message"]);
+    let _ = hub.api_publish(br#"{"room":"feed:news","content":"news"}"#, NOW, 0);
+    let frames = drain(&mut hub, 0);
+    assert_eq!(types(&frames), ["message"]);
+    assert_eq!(frames[0]["payload"]["content"], "news");
+}
+
+#[test]
+fn without_member_events_members_hear_no_joins_or_leaves_but_counts_hold() {
+    let mut hub = hub_with_namespace(crate::hub::NamespaceSpec {
+        member_events: Some(false),
+        ..namespace("quiet:")
+    });
+    connect(&mut hub, 0, "alice");
+    connect(&mut hub, 1, "bob");
+    join(&mut hub, 0, "quiet:room");
+    let joined = join(&mut hub, 1, "quiet:room");
+    assert_eq!(joined["count"], 2);
+    send(
+        &mut hub,
+        1,
+        r#"{"type":"leave","payload":{"room":"quiet:room"}}"#,
+    );
+    assert_eq!(types(&drain(&mut hub, 1)), ["left"]);
+    assert!(drain(&mut hub, 0).is_empty());
+    // Rooms outside the namespace still announce.
+    join(&mut hub, 0, "loud");
+    join(&mut hub, 1, "loud");
+    assert_eq!(types(&drain(&mut hub, 0)), ["user_joined"]);
+}
+
+#[test]
+fn max_members_counts_users_and_refuses_one_more_with_room_full() {
+    let mut hub = hub_with_namespace(crate::hub::NamespaceSpec {
+        max_members: Some(2),
+        ..namespace("duo:")
+    });
+    connect(&mut hub, 0, "alice");
+    connect(&mut hub, 1, "bob");
+    connect(&mut hub, 2, "carol");
+    connect(&mut hub, 3, "alice");
+    join(&mut hub, 0, "duo:x");
+    join(&mut hub, 1, "duo:x");
+    drain_all(&mut hub, &[0, 1]);
+    send(
+        &mut hub,
+        2,
+        r#"{"type":"join","id":1,"payload":{"room":"duo:x"}}"#,
+    );
+    let (code, frame) = single_error(&mut hub, 2);
+    assert_eq!(code, "room_full");
+    assert_eq!(frame["id"], 1);
+    // Nobody heard of carol, and she is not a member.
+    assert!(drain(&mut hub, 0).is_empty());
+    send(&mut hub, 2, &message("duo:x", "1"));
+    assert_eq!(single_error(&mut hub, 2).0, "not_in_room");
+    // A second connection of a member is no new user.
+    assert_eq!(join(&mut hub, 3, "duo:x")["count"], 2);
+    // When a user leaves, there is room again.
+    send(
+        &mut hub,
+        1,
+        r#"{"type":"leave","payload":{"room":"duo:x"}}"#,
+    );
+    drain_all(&mut hub, &[0, 1, 3]);
+    assert_eq!(join(&mut hub, 2, "duo:x")["count"], 2);
+}
+
+#[test]
+fn a_namespace_keeps_its_own_history() {
+    let mut hub = hub_with_namespace(crate::hub::NamespaceSpec {
+        history: Some(2),
+        ..namespace("short:")
+    });
+    connect(&mut hub, 0, "alice");
+    connect(&mut hub, 1, "bob");
+    join(&mut hub, 0, "short:a");
+    join(&mut hub, 0, "long");
+    publish(&mut hub, 0, "short:a", 5);
+    publish(&mut hub, 0, "long", 5);
+    drain(&mut hub, 0);
+    for (room, held) in [("short:a", 2), ("long", 5)] {
+        send(
+            &mut hub,
+            1,
+            &json!({"type": "join", "payload": {"room": room, "since": 0}}).to_string(),
+        );
+        let frames = drain(&mut hub, 1);
+        let messages = frames.iter().filter(|f| f["type"] == "message").count();
+        assert_eq!(messages, held, "{room}: {frames:?}");
+    }
 }

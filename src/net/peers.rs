@@ -9,7 +9,7 @@
 //! lock per delivery.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -22,6 +22,7 @@ use crate::backplane::loops::{LoopMessage, LoopsBackplane, RoomHomes};
 use crate::http;
 use crate::hub::Millis;
 use crate::metrics::Metrics;
+use crate::webhook::Webhooks;
 
 /// What the loops of a process share.
 pub struct Shared {
@@ -40,6 +41,13 @@ pub struct Shared {
     /// `--tls-cert`/`--tls-key`: the configuration new connections use,
     /// replaced when SIGHUP reloads the files.
     pub tls: Option<Mutex<Arc<rustls::ServerConfig>>>,
+    /// Every room's options by namespace (§14.1), for every loop and the bridge.
+    pub namespaces: Arc<crate::hub::Namespaces>,
+    /// `--webhook-url` (§14.2): the process's one webhook sender.
+    pub webhooks: Option<Webhooks>,
+    /// When the drain began (Unix ms; 0 before any): the webhook sender's
+    /// deadline at exit is counted from it.
+    pub drain_started: AtomicU64,
 }
 
 impl Shared {

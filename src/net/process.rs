@@ -9,9 +9,10 @@
 //! cluster of its own.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use log::{error, warn};
 use mio::{Interest, Poll};
@@ -31,6 +32,7 @@ use super::server::{
 use super::transport::load_tls;
 use crate::auth::{self, TokenClaims, Verifier};
 use crate::backplane::Backplane;
+use crate::backplane::events::RoomEvents;
 use crate::backplane::local::LocalBackplane;
 use crate::backplane::loops::{LoopsBackplane, RoomHomes};
 use crate::backplane::redis::RedisBackplane;
@@ -41,6 +43,10 @@ use crate::hub::{Hub, HubConfig};
 use crate::outbound::{Marks, Staging};
 use crate::state::RoomSnapshot;
 use crate::timers::Deadlines;
+use crate::webhook::{WebhookConfig, Webhooks};
+
+/// What queued webhook events get beyond the drain window to go out (§14.2).
+const WEBHOOK_GRACE: Duration = Duration::from_secs(1);
 
 /// A bound, not yet running server.
 pub struct Server {
@@ -107,6 +113,18 @@ impl Server {
             (Some(cert), Some(key)) => Some(Mutex::new(load_tls(cert, key)?)),
             _ => None,
         };
+        let webhooks = match (&args.webhook_url, args.webhook_signing_key()) {
+            (Some(url), Some(secret)) => Some(
+                Webhooks::start(WebhookConfig {
+                    url: url.clone(),
+                    secret: secret.as_bytes().to_vec(),
+                    queue_capacity: args.webhook_queue,
+                })
+                .map_err(ServerError::Webhook)?,
+            ),
+            // `validate` refused a URL without a key before we got here.
+            _ => None,
+        };
         let shared = Arc::new(Shared {
             connections: AtomicUsize::new(0),
             homes: Arc::new(RoomHomes::default()),
@@ -114,6 +132,9 @@ impl Server {
             keeper,
             per_user: Mutex::new(std::collections::HashMap::new()),
             tls,
+            namespaces: Arc::new(args.namespaces()),
+            webhooks,
+            drain_started: AtomicU64::new(0),
         });
         let listener = listen(args.listen).map_err(|source| ServerError::Bind {
             address: args.listen,
@@ -133,8 +154,14 @@ impl Server {
                     .iter()
                     .map(|peer| Box::new(Arc::clone(&peer.waker)) as Box<dyn Wake>)
                     .collect();
-                let (bridge, links) = Bridge::start(url, args.history, processes.clone(), wakers)
-                    .map_err(|error| ServerError::Redis(error.to_string()))?;
+                let (bridge, links) = Bridge::start(
+                    url,
+                    Arc::clone(&shared.namespaces),
+                    RoomEvents::new(shared.webhooks.clone()),
+                    processes.clone(),
+                    wakers,
+                )
+                .map_err(|error| ServerError::Redis(error.to_string()))?;
                 let links = processes.into_iter().zip(links).map(Some).collect();
                 (Some(bridge), links)
             }
@@ -258,6 +285,8 @@ impl Server {
         if let Some(bridge) = &self.bridge {
             bridge.stop();
         }
+        let webhooks = self.shared.webhooks.clone();
+        let webhook_deadline = webhook_deadline(&self.shared, self.args.drain_ms);
         if let Some(keeper) = Arc::try_unwrap(self.shared)
             .ok()
             .and_then(|shared| shared.keeper)
@@ -267,8 +296,24 @@ impl Server {
                 .unwrap_or_else(PoisonError::into_inner)
                 .save_clean();
         }
+        if let Some(webhooks) = webhooks {
+            webhooks.finish(webhook_deadline);
+        }
         outcome
     }
+}
+
+/// Until when queued webhook events may still go out at exit: the drain
+/// window plus [`WEBHOOK_GRACE`], from the drain's start (§14.2); from now
+/// when the loops ended without a drain.
+fn webhook_deadline(shared: &Shared, drain_ms: u64) -> Instant {
+    let now = Instant::now();
+    let started = shared.drain_started.load(Ordering::Acquire);
+    if started == 0 {
+        return now + WEBHOOK_GRACE;
+    }
+    let end_ms = started.saturating_add(drain_ms);
+    now + Duration::from_millis(end_ms.saturating_sub(now_ms())) + WEBHOOK_GRACE
 }
 
 /// Tells every loop to drain now (a loop died).
@@ -322,6 +367,7 @@ impl EventLoop {
             redis,
         } = seed;
         let count = shared.peers.len();
+        let namespaces = &shared.namespaces;
         let max_message = args.max_message_bytes();
         let websocket_config = WebSocketConfig::default()
             .read_buffer_size(CODEC_BUFFER_SIZE)
@@ -329,7 +375,7 @@ impl EventLoop {
             .max_message_size(Some(max_message))
             .max_frame_size(Some(max_message));
         let config = HubConfig {
-            history: args.history,
+            namespaces: Arc::clone(namespaces),
             max_rooms_per_connection: args.max_rooms_per_connection,
             typing_timeout_ms: args.typing_timeout_ms,
             heartbeat_ms: args.heartbeat_ms,
@@ -341,17 +387,30 @@ impl EventLoop {
                 hard: args.write_buffer_hard,
             },
             verifier: verifier.clone(),
+            webhooks: shared.webhooks.clone(),
         };
         let (backplane, bridge): (Box<dyn Backplane>, Option<BridgeLink>) = match redis {
             Some((process, link)) => (Box::new(RedisBackplane::new(process, now_ms())), Some(link)),
             None if count > 1 => {
                 let homes = Arc::clone(&shared.homes);
                 (
-                    Box::new(LoopsBackplane::new(index, count, args.history, homes)),
+                    Box::new(LoopsBackplane::new(
+                        index,
+                        count,
+                        Arc::clone(namespaces),
+                        homes,
+                        RoomEvents::new(config.webhooks.clone()),
+                    )),
                     None,
                 )
             }
-            None => (Box::new(LocalBackplane::new(args.history)), None),
+            None => (
+                Box::new(LocalBackplane::new(
+                    Arc::clone(namespaces),
+                    RoomEvents::new(config.webhooks.clone()),
+                )),
+                None,
+            ),
         };
         let mut event_loop = EventLoop {
             index,

@@ -26,6 +26,7 @@ use crate::metrics::Gauges;
 use crate::outbound::Staging;
 use crate::state;
 use crate::timers::Deadlines;
+use crate::webhook::Webhooks;
 
 pub(super) const LISTENER: Token = Token(usize::MAX - 1);
 pub(super) const SIGNALS: Token = Token(usize::MAX - 2);
@@ -61,6 +62,9 @@ pub enum ServerError {
     /// The Redis bridge could not start (`--redis`).
     #[error("redis: {0}")]
     Redis(String),
+    /// The webhook sender thread could not start (`--webhook-url`).
+    #[error("webhook: {0}")]
+    Webhook(io::Error),
     /// `--tls-cert` / `--tls-key` cannot be used (exit 2: a configuration error).
     #[error("{0}")]
     Tls(#[from] super::transport::TlsError),
@@ -276,6 +280,7 @@ impl EventLoop {
             rooms,
             redis_up: self.hub.backplane_reachable(),
             threads: self.shared.peers.len(),
+            webhooks: self.shared.webhooks.as_ref().map(Webhooks::stats),
         }
     }
 

@@ -66,6 +66,13 @@ impl EventLoop {
         if self.shutting_down.is_some() {
             return;
         }
+        // Every loop drains from the same start; the first to get here keeps it.
+        let _ = self.shared.drain_started.compare_exchange(
+            0,
+            started,
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+        );
         info!(
             "loop {}: draining {} connection(s) over {} ms",
             self.index,

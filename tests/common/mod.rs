@@ -2,6 +2,8 @@
 //! talks to it with tungstenite's blocking client.
 #![allow(dead_code)]
 
+pub mod webhook_receiver;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};

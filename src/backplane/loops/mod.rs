@@ -18,16 +18,17 @@
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 
+use super::events::RoomEvents;
 use super::local::member_frame;
 use super::{
     Answer, Backplane, Effect, JoinRequest, JoinState, LocalView, PresenceEntry, Publication,
-    Published, Reply, RequestId, Retention, RoomRef, RoomTraffic, UserItem, UserRef,
+    Published, Remaining, Reply, RequestId, Retention, RoomRef, RoomTraffic, UserItem, UserRef,
 };
-use crate::hub::{EMPTY_ROOM_TTL_MS, Millis, random_epoch};
+use crate::hub::{EMPTY_ROOM_TTL_MS, Millis, Namespaces, RoomOptions, random_epoch};
 use crate::protocol::FrameBuilder;
 use crate::state::RoomSnapshot;
 
@@ -102,6 +103,8 @@ pub enum LoopMessage {
         content: Box<str>,
         /// When it was sent.
         now: Millis,
+        /// Also for the webhook (see [`Publication::webhook`]).
+        webhook: bool,
     },
     /// To a room's home: a frame without a seq for every member (`typing`).
     Frame {
@@ -176,11 +179,14 @@ struct Authority {
     members: Vec<u32>,
     /// When the last member anywhere left.
     empty_since: Option<Millis>,
+    /// Its namespace's options, looked up once when the authority is made.
+    options: RoomOptions,
 }
 
 impl Authority {
-    fn new(loops: usize) -> Self {
+    fn new(loops: usize, options: RoomOptions) -> Self {
         Authority {
+            options,
             epoch: random_epoch(),
             seq: 0,
             history: VecDeque::new(),
@@ -205,7 +211,9 @@ struct Gather {
 pub struct LoopsBackplane {
     me: usize,
     loops: usize,
-    history: usize,
+    namespaces: Arc<Namespaces>,
+    /// Where this loop's authorities report membership changes and messages.
+    events: RoomEvents,
     homes: std::sync::Arc<RoomHomes>,
     /// Rooms whose home is this loop.
     authorities: HashMap<Box<str>, Authority>,
@@ -225,11 +233,18 @@ pub struct LoopsBackplane {
 
 impl LoopsBackplane {
     /// Loop `me` of `loops`, sharing the room homes of the process.
-    pub fn new(me: usize, loops: usize, history: usize, homes: std::sync::Arc<RoomHomes>) -> Self {
+    pub fn new(
+        me: usize,
+        loops: usize,
+        namespaces: Arc<Namespaces>,
+        homes: Arc<RoomHomes>,
+        events: RoomEvents,
+    ) -> Self {
         LoopsBackplane {
             me,
             loops,
-            history,
+            namespaces,
+            events,
             homes,
             authorities: HashMap::new(),
             open: HashMap::new(),
@@ -256,8 +271,9 @@ impl LoopsBackplane {
         if home != self.me {
             return;
         }
-        let mut authority = Authority::new(self.loops);
-        authority.history = snapshot.history_frames(self.history);
+        let options = *self.namespaces.for_room(&snapshot.name);
+        let mut authority = Authority::new(self.loops, options);
+        authority.history = snapshot.history_frames(options.history);
         authority.epoch = snapshot.epoch.into_boxed_str();
         authority.seq = snapshot.seq;
         authority.empty_since = Some(now);
@@ -283,9 +299,10 @@ impl LoopsBackplane {
             self.homes.home_of(room, self.me);
             self.changes += 1;
         }
+        let namespaces = &self.namespaces;
         self.authorities
             .entry(room.into())
-            .or_insert_with(|| Authority::new(loops))
+            .or_insert_with(|| Authority::new(loops, *namespaces.for_room(room)))
     }
 
     /// Room traffic from this loop's authority: to the hub here (as an
@@ -307,7 +324,8 @@ impl LoopsBackplane {
     }
 
     /// A member joined on loop `from`: counts, and the `user_joined` frame
-    /// when the user is new to the room everywhere.
+    /// when the user is new to the room everywhere. `Err(users)`: the room
+    /// is full and the joiner was not counted.
     fn admit(
         &mut self,
         from: usize,
@@ -315,10 +333,14 @@ impl LoopsBackplane {
         user_id: &str,
         user_json: &str,
         first: bool,
-    ) -> Option<Bytes> {
+    ) -> Result<Option<Bytes>, u64> {
         let authority = self.authority(room);
         if !first {
-            return None;
+            return Ok(None);
+        }
+        let users = authority.users.len() as u64;
+        if !authority.users.contains_key(user_id) && !authority.options.admits(users) {
+            return Err(users);
         }
         if let Some(count) = authority.members.get_mut(from) {
             *count += 1;
@@ -329,7 +351,14 @@ impl LoopsBackplane {
             .entry(user_id.into())
             .or_insert_with(|| (0, user_json.into()));
         entry.0 += 1;
-        (entry.0 == 1).then(|| member_frame("user_joined", room, user_json, authority.users.len()))
+        let new_user = entry.0 == 1;
+        let users = authority.users.len();
+        let announce = new_user && authority.options.member_events;
+        if new_user {
+            self.events
+                .user_joined(room, user_json, users as u64, self.now);
+        }
+        Ok(announce.then(|| member_frame("user_joined", room, user_json, users)))
     }
 
     /// The state a join answers with: `joined`'s figures and the replay.
@@ -352,13 +381,20 @@ impl LoopsBackplane {
             oldest_held: authority.history.front().map(|(seq, _)| *seq),
             replay,
             announce: None,
+            full: false,
         }
     }
 
     /// Assigns the next seq, frames the message once and keeps it.
-    fn take_seq(&mut self, room: &str, user_json: &str, content: &str, now: Millis) -> Published {
-        let keep = self.history;
+    fn take_seq(&mut self, message: &Publication<'_>) -> Published {
+        let (room, user_json, content, now) = (
+            message.room.name,
+            message.user_json,
+            message.content,
+            message.now,
+        );
         let authority = self.authority(room);
+        let keep = authority.options.history;
         authority.seq += 1;
         let seq = authority.seq;
         let frame = FrameBuilder::with_capacity(
@@ -377,6 +413,9 @@ impl LoopsBackplane {
                 authority.history.pop_front();
             }
             authority.history.push_back((seq, frame.clone()));
+        }
+        if message.webhook {
+            self.events.message(room, seq, user_json, content, now);
         }
         self.changes += 1;
         Published {
@@ -414,7 +453,12 @@ impl LoopsBackplane {
             }
             None => false,
         };
-        gone.then(|| member_frame("user_left", room, user_json, authority.users.len()))
+        if gone {
+            let users = authority.users.len() as u64;
+            self.events.user_left(room, user_json, users, now);
+        }
+        let announce = gone && authority.options.member_events;
+        announce.then(|| member_frame("user_left", room, user_json, authority.users.len()))
     }
 
     /// Something from another loop. Call [`crate::hub::Hub::backplane_changed`] after.
@@ -431,7 +475,16 @@ impl LoopsBackplane {
                 since,
                 epoch,
             } => {
-                if let Some(announce) = self.admit(from, &room, &user_id, &user_json, first) {
+                let announce = match self.admit(from, &room, &user_id, &user_json, first) {
+                    Ok(announce) => announce,
+                    Err(users) => {
+                        let answer = Some(Answer::Joined(JoinState::full(users)));
+                        self.out
+                            .push((from, LoopMessage::Answer { request, answer }));
+                        return;
+                    }
+                };
+                if let Some(announce) = announce {
                     let traffic = RoomTraffic {
                         room: room.clone(),
                         seq: None,
@@ -454,8 +507,15 @@ impl LoopsBackplane {
                 user_json,
                 content,
                 now,
+                webhook,
             } => {
-                let published = self.take_seq(&room, &user_json, &content, now);
+                let published = self.take_seq(&Publication {
+                    room: RoomRef { id: 0, name: &room },
+                    user_json: &user_json,
+                    content: &content,
+                    now,
+                    webhook,
+                });
                 let traffic = RoomTraffic {
                     room: room.clone(),
                     seq: Some(published.seq),
@@ -635,8 +695,12 @@ impl Backplane for LoopsBackplane {
             ));
             return Reply::Later(request);
         }
+        self.now = join.now;
         let (room, user) = (join.room.name, join.user);
-        let announce = self.admit(self.me, room, user.id, user.json, join.first);
+        let announce = match self.admit(self.me, room, user.id, user.json, join.first) {
+            Ok(announce) => announce,
+            Err(users) => return Reply::Now(JoinState::full(users)),
+        };
         if let Some(frame) = &announce {
             // The members here get it from the hub (without the joiner's
             // connection); the other loops' members from here.
@@ -667,11 +731,12 @@ impl Backplane for LoopsBackplane {
                     user_json: message.user_json.into(),
                     content: message.content.into(),
                     now: message.now,
+                    webhook: message.webhook,
                 },
             ));
             return Reply::Later(request);
         }
-        let mut published = self.take_seq(room, message.user_json, message.content, message.now);
+        let mut published = self.take_seq(message);
         published.delivered_elsewhere = self.authorities.get(room).map_or(0, |authority| {
             authority.member_connections()
                 - u64::from(authority.members.get(self.me).copied().unwrap_or(0))
@@ -713,9 +778,9 @@ impl Backplane for LoopsBackplane {
         &mut self,
         room: RoomRef<'_>,
         user: UserRef<'_>,
-        _connections_here: u32,
-        _users_here: usize,
+        left: Remaining,
     ) -> Option<Bytes> {
+        self.now = left.now;
         let home = self.home(room.name);
         if home != self.me {
             self.out.push((

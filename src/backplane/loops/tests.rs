@@ -20,11 +20,26 @@ struct Process {
 
 impl Process {
     fn new(count: usize) -> Self {
+        Process::with_namespaces(count, crate::hub::Namespaces::none(100))
+    }
+
+    fn with_namespaces(count: usize, namespaces: crate::hub::Namespaces) -> Self {
+        let namespaces = Arc::new(namespaces);
         let homes = Arc::new(RoomHomes::default());
         let loops = (0..count)
             .map(|index| {
-                let backplane = LoopsBackplane::new(index, count, 100, Arc::clone(&homes));
-                let mut hub = Hub::with_backplane(config(), Box::new(backplane));
+                let backplane = LoopsBackplane::new(
+                    index,
+                    count,
+                    Arc::clone(&namespaces),
+                    Arc::clone(&homes),
+                    crate::backplane::events::RoomEvents::default(),
+                );
+                let config = HubConfig {
+                    namespaces: Arc::clone(&namespaces),
+                    ..config()
+                };
+                let mut hub = Hub::with_backplane(config, Box::new(backplane));
                 hub.number_connections(index as u64, count as u64);
                 hub
             })
@@ -102,7 +117,7 @@ impl Process {
 
 fn config() -> HubConfig {
     HubConfig {
-        history: 100,
+        namespaces: std::sync::Arc::new(crate::hub::Namespaces::none(100)),
         max_rooms_per_connection: 10,
         typing_timeout_ms: 6000,
         heartbeat_ms: 0,
@@ -114,6 +129,7 @@ fn config() -> HubConfig {
             hard: 4 * 1024 * 1024,
         },
         verifier: Verifier::new(b"secret"),
+        webhooks: None,
     }
 }
 
@@ -249,4 +265,47 @@ fn a_room_on_one_loop_sends_no_mail() {
     );
     assert_eq!(kinds(&process.drain(1, 1)), ["message", "ack"]);
     assert_eq!(kinds(&process.drain(1, 3)), ["message"]);
+}
+
+#[test]
+fn max_members_and_member_events_are_decided_by_the_rooms_home_loop() {
+    let namespaces = crate::hub::Namespaces::new(
+        crate::hub::RoomOptions::defaults(100),
+        &[crate::hub::NamespaceSpec {
+            prefix: "duo:".into(),
+            max_members: Some(2),
+            member_events: Some(false),
+            ..Default::default()
+        }],
+    );
+    let mut process = Process::with_namespaces(2, namespaces);
+    process.connect(0, 0, "alice");
+    process.connect(1, 1, "bob");
+    process.connect(1, 2, "carol");
+    process.connect(0, 3, "bob");
+    process.join(0, 0, "duo:x");
+    assert_eq!(process.join(1, 1, "duo:x")["count"], 2);
+    // No `user_joined` on the home loop for bob.
+    assert!(process.drain(0, 0).is_empty());
+    process.send(
+        1,
+        2,
+        json!({"type": "join", "id": "j", "payload": {"room": "duo:x"}}),
+    );
+    let frames = process.drain(1, 2);
+    assert_eq!(kinds(&frames), ["error"], "{frames:?}");
+    assert_eq!(frames[0]["payload"]["code"], "room_full");
+    assert_eq!(frames[0]["id"], "j");
+    // Bob's second connection, on the home loop, is no new user.
+    assert_eq!(process.join(0, 3, "duo:x")["count"], 2);
+    // Carol was never counted: once bob's connections leave, she fits.
+    for (on, conn) in [(1, 1), (0, 3)] {
+        process.send(
+            on,
+            conn,
+            json!({"type": "leave", "payload": {"room": "duo:x"}}),
+        );
+        process.drain(on, conn);
+    }
+    assert_eq!(process.join(1, 2, "duo:x")["count"], 2);
 }

@@ -32,6 +32,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::backplane::events::RoomEvents;
+use crate::hub::Namespaces;
 use log::{debug, info, warn};
 use redis::{Client, Connection, Pipeline, RedisError, Value};
 
@@ -155,7 +157,8 @@ impl Bridge {
     /// down). Returns each loop's link, by index.
     pub fn start(
         url: &str,
-        history: usize,
+        namespaces: Arc<Namespaces>,
+        events: RoomEvents,
         processes: Vec<String>,
         wakers: Vec<Box<dyn Wake>>,
     ) -> Result<(Bridge, Vec<BridgeLink>), RedisError> {
@@ -197,7 +200,8 @@ impl Bridge {
                         to_loops,
                         subscribed,
                         wake,
-                        history,
+                        namespaces,
+                        events,
                         scripts: Vec::new(),
                         connection: None,
                         nodes: vec![None; loops],
@@ -305,7 +309,11 @@ struct CommandThread {
     to_loops: ToLoops,
     subscribed: Arc<Subscribed>,
     wake: String,
-    history: usize,
+    /// Each room's options: history kept, member events, max members.
+    namespaces: Arc<Namespaces>,
+    /// The webhook events the scripts' answers reveal (this node saw the
+    /// change, so this node reports it: once for the cluster).
+    events: RoomEvents,
     /// SHA of each script of `Script::ALL`, loaded on this connection.
     scripts: Vec<String>,
     connection: Option<Connection>,
@@ -669,7 +677,11 @@ impl CommandThread {
         };
         let mut noscript = None;
         // Each command's first reply is its answer; the rest are ignored in the pipeline.
-        for ((index, expect), result) in expects.into_iter().zip(results) {
+        let answered = expects.into_iter().zip(results).zip(&commands);
+        for (((index, expect), result), (_, command)) in answered {
+            if let Ok(value) = &result {
+                self.report_events(command, value);
+            }
             let (req, parsed) = match result {
                 Ok(value) => match expect {
                     Expect::Nothing => continue,
@@ -705,6 +717,48 @@ impl CommandThread {
         }
     }
 
+    /// The webhook events a script's answer reveals (§14.2): a user new to
+    /// a room or gone from it on every node, and a message's seq.
+    fn report_events(&self, command: &Command, value: &Value) {
+        if !self.events.is_on() {
+            return;
+        }
+        let now = unix_millis();
+        match command {
+            Command::Join {
+                room, user_json, ..
+            } => {
+                // {epoch, seq, count, history length, connections before, ...}
+                let items = array(value).unwrap_or_default();
+                let before = items.get(4).and_then(int);
+                if let (Some(0), Some(count)) = (before, items.get(2).and_then(int)) {
+                    self.events.user_joined(room, user_json, count, now);
+                }
+            }
+            Command::Member {
+                room, user_json, ..
+            } => {
+                // {gone, users left}
+                let items = array(value).unwrap_or_default();
+                let gone = items.first().and_then(int);
+                if let (Some(1), Some(count)) = (gone, items.get(1).and_then(int)) {
+                    self.events.user_left(room, user_json, count, now);
+                }
+            }
+            Command::Publish {
+                room,
+                webhook: Some(message),
+                ..
+            } => {
+                if let Some(seq) = array(value).and_then(|items| items.first().and_then(int)) {
+                    let (user, content) = (&message.user_json, &message.content);
+                    self.events.message(room, seq, user, content, now);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Adds a command to the pipeline; every command but the first of each is ignored.
     fn add(&self, pipe: &mut Pipeline, index: usize, command: &Command) -> Expect {
         let node = self
@@ -720,6 +774,7 @@ impl CommandThread {
                 room,
                 head,
                 tail,
+                ..
             } => {
                 self.add_publish(pipe, room, head, tail, &ttl);
                 Expect::Published(*req)
@@ -752,6 +807,7 @@ impl CommandThread {
                 local_count,
             } => {
                 let keys = commands::room_keys(room);
+                let options = self.namespaces.for_room(room);
                 pipe.cmd("EVALSHA")
                     .arg(self.sha(Script::Member))
                     .arg(3)
@@ -762,7 +818,8 @@ impl CommandThread {
                     .arg(user_json)
                     .arg(&ttl)
                     .arg(commands::room_channel(room))
-                    .arg(json_string(room));
+                    .arg(json_string(room))
+                    .arg(flag(options.member_events));
                 Expect::Nothing
             }
             Command::RoomEvent { room, envelope } => {
@@ -798,6 +855,7 @@ impl CommandThread {
         else {
             return Expect::Nothing;
         };
+        let options = self.namespaces.for_room(room);
         pipe.cmd("EVALSHA")
             .arg(self.sha(Script::Join))
             .arg(5)
@@ -812,7 +870,9 @@ impl CommandThread {
             .arg(json_string(room))
             .arg(marker)
             .arg(since.map(|s| s.to_string()).unwrap_or_default())
-            .arg(epoch.as_deref().unwrap_or(""));
+            .arg(epoch.as_deref().unwrap_or(""))
+            .arg(options.max_members)
+            .arg(flag(options.member_events));
         Expect::Joined(*req)
     }
 
@@ -826,7 +886,7 @@ impl CommandThread {
             .arg(&keys[1])
             .arg(&keys[4])
             .arg(crate::hub::random_epoch().as_ref())
-            .arg(self.history)
+            .arg(self.namespaces.for_room(room).history)
             .arg(ttl)
             .arg(commands::room_channel(room))
             .arg(head)
@@ -860,6 +920,15 @@ fn text(value: &Value) -> Option<String> {
     }
 }
 
+/// The wall clock in Unix milliseconds, for the webhook events' `time_ms`.
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
 fn array(value: &Value) -> Option<&[Value]> {
     match value {
         Value::Array(items) => Some(items),
@@ -876,12 +945,21 @@ fn room_state(value: &Value) -> Option<RoomState> {
     })
 }
 
+/// A script argument for a yes or no.
+fn flag(on: bool) -> &'static str {
+    if on { "1" } else { "0" }
+}
+
 fn joined(value: &Value) -> Option<Reply> {
     let items = array(value)?;
+    if items.first().and_then(text).as_deref() == Some("!full") {
+        let count = int(items.get(1)?)?;
+        return Some(Reply::RoomFull { count });
+    }
     let state = room_state(value)?;
     let history_len = int(items.get(3)?)?;
     let frames = items
-        .get(4..)
+        .get(5..)
         .unwrap_or_default()
         .iter()
         .map(text)

@@ -92,6 +92,15 @@ pub fn room_keys(room: &str) -> [String; 5] {
     ]
 }
 
+/// What a `message` webhook event needs beyond its room and seq.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookMessage {
+    /// The sender as JSON.
+    pub user_json: String,
+    /// The content, raw JSON.
+    pub content: String,
+}
+
 /// What the loop asks of the command connection, in order. Those with a
 /// `req` are answered with an [`Event::Reply`] (also when Redis is away);
 /// the others are fire and forget.
@@ -133,6 +142,9 @@ pub enum Command {
         /// The frame's JSON after the value of `seq` (the timestamp and the
         /// closing braces).
         tail: String,
+        /// A client message of a room with `webhook_messages`: the sender
+        /// and content for the webhook's `message` event, once it has its seq.
+        webhook: Option<Box<WebhookMessage>>,
     },
     /// The users of a room on every live node.
     Presence {
@@ -264,6 +276,11 @@ pub enum Reply {
         /// The `message` frames after `since`, as text, oldest first; empty
         /// without `since` or when the client's epoch is not the room's.
         frames: Vec<String>,
+    },
+    /// `Join` refused: the room has its namespace's `max_members` users.
+    RoomFull {
+        /// The users in the room.
+        count: u64,
     },
     /// `Publish`.
     Published {

@@ -44,8 +44,8 @@ use self::commands::{
 };
 use super::{
     Answer, Backplane, Effect, JoinRequest, JoinState, LocalView, NewEpoch, PresenceEntry,
-    Publication, Published, Reply, RequestId, Resume, Retention, RoomRef, RoomTraffic, UserItem,
-    UserRef,
+    Publication, Published, Remaining, Reply, RequestId, Resume, Retention, RoomRef, RoomTraffic,
+    UserItem, UserRef,
 };
 use crate::hub::Millis;
 use crate::protocol;
@@ -356,7 +356,11 @@ impl RedisBackplane {
                         .map(|text| protocol::text_frame(text))
                         .collect(),
                     announce: None,
+                    full: false,
                 }))
+            }
+            (Pending::Join { .. }, Ok(Answered::RoomFull { count })) => {
+                Some(Answer::Joined(JoinState::full(count)))
             }
             (Pending::Publish, Ok(Answered::Published { seq, delivered })) => {
                 Some(Answer::Published { seq, delivered })
@@ -605,12 +609,19 @@ impl Backplane for RedisBackplane {
             message.now,
         );
         let room = message.room.name.to_string();
+        let webhook = message.webhook.then(|| {
+            Box::new(commands::WebhookMessage {
+                user_json: message.user_json.to_string(),
+                content: message.content.to_string(),
+            })
+        });
         let request = self.request(
             |req| Command::Publish {
                 req,
                 room,
                 head,
                 tail,
+                webhook,
             },
             Pending::Publish,
         );
@@ -633,15 +644,14 @@ impl Backplane for RedisBackplane {
         &mut self,
         room: RoomRef<'_>,
         user: UserRef<'_>,
-        connections_here: u32,
-        _users_here: usize,
+        left: Remaining,
     ) -> Option<Bytes> {
         // The script announces `user_left` once the user is gone from every node.
         self.update(Command::Member {
             room: room.name.to_string(),
             user_id: user.id.to_string(),
             user_json: user.json.to_string(),
-            local_count: connections_here,
+            local_count: left.connections_here,
         });
         None
     }

@@ -51,7 +51,7 @@ fn hub() -> Hub {
     let backplane = Box::new(RedisBackplane::new("proc".into(), NOW));
     Hub::with_backplane(
         HubConfig {
-            history: 100,
+            namespaces: std::sync::Arc::new(crate::hub::Namespaces::none(100)),
             max_rooms_per_connection: 3,
             typing_timeout_ms: 6000,
             heartbeat_ms: 0,
@@ -63,6 +63,7 @@ fn hub() -> Hub {
                 hard: 4 * 1024 * 1024,
             },
             verifier: Verifier::new(b"secret"),
+            webhooks: None,
         },
         backplane,
     )

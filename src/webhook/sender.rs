@@ -147,8 +147,8 @@ impl Sender {
             if let Some(deadline) = finish_by
                 && now >= deadline
             {
-                let left = state.outbox.stats().queued;
-                if left > 0 || state.outbox.flight_failures() > 0 {
+                let left = state.outbox.stats().queued + state.outbox.flight_events();
+                if left > 0 {
                     warn!(
                         "webhook: stopping at the shutdown deadline with {left} event(s) undelivered"
                     );

@@ -280,7 +280,8 @@ fn webhook_keys_in_the_file_configure_the_webhook() {
     ] {
         assert!(metrics.contains(family), "{family} missing:\n{metrics}");
     }
-    drop(server);
+    // SIGTERM: the drain, then the webhook's finish, then a clean exit.
+    assert!(server.terminate().success());
     // Without the webhook, no webhook families.
     let server = TestServer::start(&[]);
     let metrics = server.raw(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");

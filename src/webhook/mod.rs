@@ -153,10 +153,10 @@ impl Webhooks {
         let done = state.done;
         if !done {
             state.stop = true;
-            let left = state.outbox.stats().queued;
+            let left = state.outbox.stats().queued + state.outbox.flight_events();
             warn!(
                 "webhook: an attempt is still out at the shutdown deadline; \
-                 {left} more event(s) will not be sent"
+                 {left} event(s) (that batch's included) may not have been delivered"
             );
         }
         drop(state);

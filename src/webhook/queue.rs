@@ -201,6 +201,13 @@ impl Outbox {
         self.flushing = true;
     }
 
+    /// Events in the batch in flight (0 when none is).
+    pub fn flight_events(&self) -> usize {
+        self.flight
+            .as_ref()
+            .map_or(0, |flight| flight.batch.events.len())
+    }
+
     /// Failed attempts of the batch in flight (0 when none is).
     pub fn flight_failures(&self) -> u32 {
         self.flight.as_ref().map_or(0, |flight| flight.failures)
@@ -308,6 +315,7 @@ mod tests {
         }
         let first = send(outbox.next(now));
         assert_eq!(outbox.next(now), Next::Sending);
+        assert_eq!(outbox.flight_events(), BATCH_MAX);
         assert!(
             !outbox.push(event(150), now),
             "no wake while a batch is out"

@@ -115,10 +115,17 @@ impl Sender {
     /// Runs until stopped, or until `finish`'s deadline or an empty outbox
     /// after `finish`, then says so to whoever waits in `finish`.
     pub(super) fn run(self) {
-        let core = Arc::clone(&self.core);
+        // Said on the way out whether the thread returns or panics, so
+        // `finish` never waits for a thread that is gone.
+        struct Done(Arc<Core>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.lock().done = true;
+                self.0.ended.notify_all();
+            }
+        }
+        let _done = Done(Arc::clone(&self.core));
         self.send_until_done();
-        core.lock().done = true;
-        core.ended.notify_all();
     }
 
     fn send_until_done(mut self) {
@@ -147,8 +154,8 @@ impl Sender {
             if let Some(deadline) = finish_by
                 && now >= deadline
             {
-                let left = state.outbox.stats().queued;
-                if left > 0 || state.outbox.flight_failures() > 0 {
+                let left = state.outbox.stats().queued + state.outbox.flight_events();
+                if left > 0 {
                     warn!(
                         "webhook: stopping at the shutdown deadline with {left} event(s) undelivered"
                     );

@@ -22,6 +22,7 @@ mod api;
 mod delivery;
 mod effects;
 mod frames;
+mod introspection;
 mod invariants;
 mod membership;
 mod requests;
@@ -38,6 +39,7 @@ use bytes::Bytes;
 use slab::Slab;
 
 pub use api::{ApiAnswer, ApiKind};
+pub use introspection::{ConnectionView, user_answer};
 
 use crate::auth::{Identity, Verifier};
 use crate::backplane::Backplane;

@@ -671,6 +671,7 @@ impl Backplane for RedisBackplane {
                 commands::direct_envelope(user_id, text)
             }
             UserItem::Kick => commands::kick_envelope(user_id),
+            UserItem::Subscribe(_) | UserItem::Unsubscribe(_) => return Reply::Unavailable,
         };
         let user_id = user_id.to_string();
         Reply::Later(self.request(
@@ -723,5 +724,13 @@ impl Backplane for RedisBackplane {
 
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
+    }
+
+    fn inspect_rooms(
+        &mut self,
+        _query: &super::RoomQuery,
+        _here: &dyn super::RoomsHere,
+    ) -> Reply<Vec<super::RoomView>> {
+        Reply::Unavailable
     }
 }

@@ -96,11 +96,18 @@ struct Snapshot {
 
 /// What a command's answer is for.
 enum Pending {
-    Join { room: Box<str>, life: u64 },
+    Join {
+        room: Box<str>,
+        life: u64,
+    },
     Publish,
     Presence,
     Send,
-    Register { rooms: Vec<Snapshot> },
+    Register {
+        rooms: Vec<Snapshot>,
+    },
+    /// `/api/rooms…` (§14.3).
+    Inspect,
 }
 
 /// The Redis backplane of one node.
@@ -365,6 +372,7 @@ impl RedisBackplane {
                 Some(Answer::Presence(entries))
             }
             (Pending::Send, Ok(Answered::Sent { connections })) => Some(Answer::Sent(connections)),
+            (Pending::Inspect, Ok(Answered::Rooms { rooms })) => Some(Answer::Rooms(rooms)),
             _ => None,
         };
         self.effects.push(Effect::Answer { request, answer });
@@ -671,7 +679,8 @@ impl Backplane for RedisBackplane {
                 commands::direct_envelope(user_id, text)
             }
             UserItem::Kick => commands::kick_envelope(user_id),
-            UserItem::Subscribe(_) | UserItem::Unsubscribe(_) => return Reply::Unavailable,
+            UserItem::Subscribe(room) => commands::membership_envelope(user_id, room, true),
+            UserItem::Unsubscribe(room) => commands::membership_envelope(user_id, room, false),
         };
         let user_id = user_id.to_string();
         Reply::Later(self.request(
@@ -726,11 +735,35 @@ impl Backplane for RedisBackplane {
         self
     }
 
+    /// The cluster's rooms, from Redis (§14.3: `/api/rooms…` answer for
+    /// the cluster).
     fn inspect_rooms(
         &mut self,
-        _query: &super::RoomQuery,
+        query: &super::RoomQuery,
         _here: &dyn super::RoomsHere,
     ) -> Reply<Vec<super::RoomView>> {
-        Reply::Unavailable
+        if !self.is_up() {
+            return Reply::Unavailable;
+        }
+        let query = query.clone();
+        Reply::Later(self.request(
+            |req| match query {
+                super::RoomQuery::List { prefix, limit } => Command::Rooms {
+                    req,
+                    prefix: prefix.into(),
+                    // One more than listed tells `truncated`.
+                    want: limit.saturating_add(1),
+                },
+                super::RoomQuery::One { room } => Command::Room {
+                    req,
+                    room: room.into(),
+                },
+            },
+            Pending::Inspect,
+        ))
+    }
+
+    fn node_id(&self) -> Option<&str> {
+        Some(&self.process)
     }
 }

@@ -998,7 +998,7 @@ fn room_detail(room: &str, value: &Value) -> Option<Reply> {
     users.sort_by(|a, b| a.id.cmp(&b.id));
     // The history is contiguous and ends at `seq`.
     let held = items.get(users_end..).unwrap_or_default();
-    let first_seq = (seq + 1).saturating_sub(held.len() as u64);
+    let first_seq = seq.saturating_add(1).saturating_sub(held.len() as u64);
     let history = held
         .iter()
         .zip(first_seq..)

@@ -1198,6 +1198,19 @@ fn the_introspection_api_answers_for_the_cluster() {
     let left = recv_kinds(&mut carol, &["left"]);
     assert!(left.get("id").is_none(), "{left}");
 
+    // Ann is in lab:1 on node A; her second connection, on node B, is not:
+    // only that one joins, and the count says so.
+    let mut ann_tab = b.connect("ann");
+    let (status, body) = http(
+        b.addr,
+        "POST",
+        "/api/subscribe",
+        &json!({"user": "ann", "room": "lab:1"}).to_string(),
+    );
+    assert_eq!((status, body.as_str()), (200, r#"{"joined":1}"#));
+    let joined = recv_kinds(&mut ann_tab, &["joined"]);
+    assert_eq!(joined["payload"]["room"], "lab:1");
+
     // A room whose last member left is no longer listed.
     bob.request(json!({"type": "leave", "id": 1, "payload": {"room": "lab:2"}}));
     eventually("lab:2 unlisted", || {

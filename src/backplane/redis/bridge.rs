@@ -424,6 +424,7 @@ impl CommandThread {
             | Command::SendUser { req, .. }
             | Command::Rooms { req, .. }
             | Command::Room { req, .. }
+            | Command::Membership { req, .. }
             | Command::Register { req, .. } => *req,
             _ => return,
         };
@@ -797,6 +798,24 @@ impl CommandThread {
                     .arg(prefix)
                     .arg(*want);
                 Expect::Rooms(*req)
+            }
+            Command::Membership {
+                req,
+                user_id,
+                room,
+                subscribe,
+                envelope,
+            } => {
+                pipe.cmd("EVALSHA")
+                    .arg(self.sha(Script::Membership))
+                    .arg(2)
+                    .arg(commands::user_key(user_id))
+                    .arg(&commands::room_keys(room)[2])
+                    .arg(USERS_CHANNEL)
+                    .arg(envelope)
+                    .arg(user_id)
+                    .arg(if *subscribe { "1" } else { "0" });
+                Expect::Sent(*req)
             }
             Command::Room { req, room } => {
                 pipe.cmd("EVALSHA")

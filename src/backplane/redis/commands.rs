@@ -211,6 +211,21 @@ pub enum Command {
         /// How many rooms at most.
         want: usize,
     },
+    /// `/api/subscribe` or `/api/unsubscribe` (§14.3): published on the
+    /// users channel when the user has a connection on a live node;
+    /// answered with how many of them it changes.
+    Membership {
+        /// Comes back in the [`Event::Reply`] that answers this request.
+        req: ReqId,
+        /// The user's id.
+        user_id: String,
+        /// The room.
+        room: String,
+        /// Subscribe (true) or unsubscribe.
+        subscribe: bool,
+        /// What is published: a [`membership_envelope`].
+        envelope: String,
+    },
     /// `GET /api/rooms/{room}…` (§14.3): one room with its users and history.
     Room {
         /// Comes back in the [`Event::Reply`] that answers this request.
@@ -553,6 +568,11 @@ const ROOMS_BODY: &str = include_str!("scripts/rooms.lua");
 /// is not known (§14.3).
 const ROOM_BODY: &str = include_str!("scripts/room.lua");
 
+/// KEYS: user, the room's p. ARGV: channel, envelope, user, '1' to
+/// subscribe or '0'. Publishes when the user has a connection on a live
+/// node; returns the connections not in the room (subscribe) or in it.
+const MEMBERSHIP_BODY: &str = include_str!("scripts/membership.lua");
+
 /// The Lua scripts, loaded once per connection and called by their SHA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Script {
@@ -577,11 +597,14 @@ pub enum Script {
     Rooms,
     /// For [`Command::Room`]: one room's state, users and history.
     Room,
+    /// For [`Command::Membership`]: publishes to a connected user and
+    /// counts the connections it changes.
+    Membership,
 }
 
 impl Script {
     /// Every script, in a fixed order (the index of each SHA).
-    pub const ALL: [Script; 8] = [
+    pub const ALL: [Script; 9] = [
         Script::Join,
         Script::Publish,
         Script::Member,
@@ -590,6 +613,7 @@ impl Script {
         Script::RegisterRoom,
         Script::Rooms,
         Script::Room,
+        Script::Membership,
     ];
 
     /// The full source: the shared helpers and the script's body.
@@ -603,6 +627,7 @@ impl Script {
             Script::RegisterRoom => REGISTER_ROOM_BODY,
             Script::Rooms => ROOMS_BODY,
             Script::Room => ROOM_BODY,
+            Script::Membership => MEMBERSHIP_BODY,
         };
         format!("{PRELUDE}{body}")
     }
@@ -662,6 +687,14 @@ mod tests {
         assert_eq!(
             parse_user_item(&kick_envelope("é:x")),
             Some(("é:x".to_string(), UserItem::Kick))
+        );
+        assert_eq!(
+            parse_user_item(&membership_envelope("u:1", "team:a", true)),
+            Some(("u:1".to_string(), UserItem::Subscribe("team:a".into())))
+        );
+        assert_eq!(
+            parse_user_item(&membership_envelope("u", "r", false)),
+            Some(("u".to_string(), UserItem::Unsubscribe("r".into())))
         );
     }
 

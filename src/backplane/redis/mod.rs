@@ -673,14 +673,26 @@ impl Backplane for RedisBackplane {
         if !self.is_up() {
             return Reply::Unavailable;
         }
+        if let UserItem::Subscribe(room) | UserItem::Unsubscribe(room) = item {
+            // Answered with the connections it changes, not all of them.
+            let subscribe = matches!(item, UserItem::Subscribe(_));
+            let command = |req| Command::Membership {
+                req,
+                user_id: user_id.to_string(),
+                room: room.to_string(),
+                subscribe,
+                envelope: commands::membership_envelope(user_id, room, subscribe),
+            };
+            return Reply::Later(self.request(command, Pending::Send));
+        }
         let envelope = match item {
             UserItem::Direct(frame) => {
                 let text = protocol::text_frame_payload(frame).unwrap_or_default();
                 commands::direct_envelope(user_id, text)
             }
             UserItem::Kick => commands::kick_envelope(user_id),
-            UserItem::Subscribe(room) => commands::membership_envelope(user_id, room, true),
-            UserItem::Unsubscribe(room) => commands::membership_envelope(user_id, room, false),
+            // Sent above with their own command.
+            UserItem::Subscribe(_) | UserItem::Unsubscribe(_) => return Reply::Unavailable,
         };
         let user_id = user_id.to_string();
         Reply::Later(self.request(

@@ -216,7 +216,13 @@ impl Backplane for LocalBackplane {
     fn inspect_rooms(&mut self, query: &RoomQuery, here: &dyn RoomsHere) -> Reply<Vec<RoomView>> {
         // The hub counts the members; the authority adds seq, epoch, history.
         let keys = match query {
-            RoomQuery::List { .. } => here.occupied(query),
+            RoomQuery::List { limit, .. } => {
+                // Only the rooms listed (and one more) are looked at further.
+                let mut keys = here.occupied(query);
+                keys.sort_by(|a, b| a.1.cmp(&b.1));
+                keys.truncate(limit.saturating_add(1));
+                keys
+            }
             RoomQuery::One { room } => here
                 .key_of(room)
                 .map(|key| vec![(key, room.clone())])

@@ -212,11 +212,15 @@ impl RoomsHere for HubRooms<'_> {
             return (Vec::new(), 0);
         };
         let mut users: Vec<MemberView> = Vec::with_capacity(room.users.len());
+        // One entry per user, however many connections: a set, so a room of
+        // many users costs one pass over its members.
+        let mut seen: std::collections::HashSet<&str> =
+            std::collections::HashSet::with_capacity(room.users.len());
         for &conn in &room.members {
             let Some(session) = self.sessions.get(conn).and_then(Option::as_ref) else {
                 continue;
             };
-            if users.iter().any(|user| user.id == session.user_id) {
+            if !seen.insert(&session.user_id) {
                 continue;
             }
             let connections = room.users.get(&session.user_id).copied().unwrap_or(1);

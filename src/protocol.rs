@@ -449,6 +449,24 @@ pub fn parse_disconnect(body: &[u8]) -> Result<Cow<'_, str>, String> {
     Ok(parsed.user)
 }
 
+/// `{"user": U, "room": R}` of `/api/subscribe` and `/api/unsubscribe`.
+#[derive(Deserialize)]
+struct MembershipBody<'a> {
+    #[serde(borrow)]
+    user: Cow<'a, str>,
+    #[serde(borrow)]
+    room: Cow<'a, str>,
+}
+
+/// Parses a subscribe or unsubscribe body `{"user": U, "room": R}` (§14.3)
+/// into (user, room); `Err` is the message of a `400`.
+pub fn parse_membership(body: &[u8]) -> Result<(Cow<'_, str>, Cow<'_, str>), String> {
+    let text = api_object(body)?;
+    let parsed: MembershipBody<'_> =
+        serde_json::from_str(text).map_err(|error| format!("bad body: {error}"))?;
+    Ok((parsed.user, parsed.room))
+}
+
 /// The body as the text of one JSON object.
 fn api_object(body: &[u8]) -> Result<&str, String> {
     let text = std::str::from_utf8(body).map_err(|_| "the body is not UTF-8".to_string())?;

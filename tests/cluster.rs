@@ -1181,11 +1181,8 @@ fn each_webhook_event_is_sent_once_for_the_cluster() {
             .filter(|event| event["room"] == "chat:x")
             .collect()
     };
-    let requests = receiver.wait_until(common::WAIT, |requests| {
-        delivered(requests)
-            .iter()
-            .any(|event| event["name"] == "room_vacated")
-    });
+    // Each node sends its own events: wait for both nodes' eight.
+    let requests = receiver.wait_until(common::WAIT, |requests| delivered(requests).len() >= 8);
     let events = delivered(&requests);
     let names: Vec<&str> = events
         .iter()
@@ -1207,4 +1204,127 @@ fn each_webhook_event_is_sent_once_for_the_cluster() {
         .collect();
     seqs.sort_unstable();
     assert_eq!(seqs, [1, 2]);
+}
+
+/// The JSON of a `GET` that must answer 200.
+fn get_json(addr: SocketAddr, path: &str) -> Value {
+    let (status, body) = http(addr, "GET", path, "");
+    assert_eq!(status, 200, "GET {path} on {addr}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+}
+
+/// §14.3 with `--redis`: `/api/rooms…` answer for the cluster from either
+/// node, subscribe and unsubscribe reach a user connected to the other
+/// node, and `/api/users/{user}` lists the answering node's connections
+/// with its id.
+#[test]
+fn the_introspection_api_answers_for_the_cluster() {
+    let redis = Redis::start();
+    let a = node(&redis, &[]);
+    let b = node(&redis, &[]);
+    let mut ann = a.connect("ann");
+    let mut bob = b.connect("bob");
+    ann.join("lab:1");
+    bob.join("lab:1");
+    bob.join("lab:2");
+    send(&mut ann, "lab:1", json!({"text": "hi"}), Some("m1"));
+    recv_kinds(&mut ann, &["ack"]);
+
+    for addr in [a.addr, b.addr] {
+        let rooms = get_json(addr, "/api/rooms");
+        assert_eq!(rooms["truncated"], false, "{rooms}");
+        let list = rooms["rooms"].as_array().unwrap();
+        assert_eq!(list.len(), 2, "{rooms}");
+        assert_eq!(list[0]["room"], "lab:1");
+        assert_eq!(list[0]["count"], 2);
+        assert_eq!(list[0]["connections"], 2);
+        assert_eq!(list[0]["seq"], 1);
+        assert_eq!(list[1]["room"], "lab:2");
+        assert_eq!(list[1]["count"], 1);
+        let first = get_json(addr, "/api/rooms?prefix=lab%3A&limit=1");
+        assert_eq!(first["rooms"].as_array().map(Vec::len), Some(1));
+        assert_eq!(first["truncated"], true);
+
+        let room = get_json(addr, "/api/rooms/lab:1");
+        assert_eq!(room["epoch"], list[0]["epoch"]);
+        assert_eq!(room["history"], 1);
+        assert_eq!(
+            room["users"],
+            json!([
+                {"id": "ann", "name": "ann", "connections": 1},
+                {"id": "bob", "name": "bob", "connections": 1},
+            ])
+        );
+        let history = get_json(addr, "/api/rooms/lab:1/history?since=0");
+        assert_eq!(history["seq"], 1);
+        assert_eq!(history["messages"][0]["user"]["id"], "ann");
+        assert_eq!(history["messages"][0]["content"], json!({"text": "hi"}));
+        let (status, body) = http(addr, "GET", "/api/rooms/lab:9", "");
+        assert_eq!((status, body.as_str()), (404, r#"{"error":"no_room"}"#));
+    }
+
+    // Carol's claim allows no room; the API subscribes her from the other node.
+    let token = common::token_with(roomcast::auth::TokenClaims {
+        sub: "carol".into(),
+        rooms: Some(Vec::new()),
+        ..Default::default()
+    });
+    let mut carol = b.open(&format!("/ws?token={token}"));
+    assert_eq!(carol.recv()["type"], "welcome");
+    let (status, body) = http(
+        a.addr,
+        "POST",
+        "/api/subscribe",
+        &json!({"user": "carol", "room": "lab:1"}).to_string(),
+    );
+    assert_eq!((status, body.as_str()), (200, r#"{"joined":1}"#));
+    let joined = recv_kinds(&mut carol, &["joined"]);
+    assert_eq!(joined["payload"]["room"], "lab:1");
+    assert!(joined.get("id").is_none(), "{joined}");
+    let announced = recv_kinds(&mut ann, &["user_joined"]);
+    assert_eq!(announced["payload"]["user"]["id"], "carol");
+    send(&mut carol, "lab:1", json!("from carol"), Some("c1"));
+    recv_kinds(&mut carol, &["ack"]);
+    let got = recv_kinds(&mut ann, &["message"]);
+    assert_eq!(got["payload"]["content"], "from carol");
+
+    let here = get_json(b.addr, "/api/users/carol");
+    let connections = here["connections"].as_array().unwrap();
+    assert_eq!(connections.len(), 1, "{here}");
+    assert_eq!(connections[0]["rooms"], json!(["lab:1"]));
+    let node_b = here["node"].as_str().unwrap().to_string();
+    let there = get_json(a.addr, "/api/users/carol");
+    assert_eq!(there["connections"], json!([]));
+    assert!(there["node"].as_str().is_some_and(|node| node != node_b));
+
+    let (status, body) = http(
+        a.addr,
+        "POST",
+        "/api/unsubscribe",
+        &json!({"user": "carol", "room": "lab:1"}).to_string(),
+    );
+    assert_eq!((status, body.as_str()), (200, r#"{"left":1}"#));
+    let left = recv_kinds(&mut carol, &["left"]);
+    assert!(left.get("id").is_none(), "{left}");
+
+    // Ann is in lab:1 on node A; her second connection, on node B, is not:
+    // only that one joins, and the count says so.
+    let mut ann_tab = b.connect("ann");
+    let (status, body) = http(
+        b.addr,
+        "POST",
+        "/api/subscribe",
+        &json!({"user": "ann", "room": "lab:1"}).to_string(),
+    );
+    assert_eq!((status, body.as_str()), (200, r#"{"joined":1}"#));
+    let joined = recv_kinds(&mut ann_tab, &["joined"]);
+    assert_eq!(joined["payload"]["room"], "lab:1");
+
+    // A room whose last member left is no longer listed.
+    bob.request(json!({"type": "leave", "id": 1, "payload": {"room": "lab:2"}}));
+    eventually("lab:2 unlisted", || {
+        get_json(a.addr, "/api/rooms")["rooms"]
+            .as_array()
+            .is_some_and(|rooms| rooms.len() == 1)
+    });
 }

@@ -202,13 +202,28 @@ fn check_decision(decision: &Decision, buffer: &[u8], policy: &Policy<'_>) {
         } => {
             check_head_len(*head_len, buffer);
             let head = &buffer[..*head_len];
-            let api = matches!(route, HttpRoute::Publish | HttpRoute::Disconnect);
+            let api = matches!(
+                route,
+                HttpRoute::Publish
+                    | HttpRoute::Disconnect
+                    | HttpRoute::Subscribe
+                    | HttpRoute::Unsubscribe
+            );
+            // The introspection API (§14.3) is GET, with the same key.
+            let keyed = api
+                || matches!(
+                    route,
+                    HttpRoute::RoomList { .. }
+                        | HttpRoute::Room { .. }
+                        | HttpRoute::RoomHistory { .. }
+                        | HttpRoute::User { .. }
+                );
             assert!(api || is_get(buffer), "serve of a non-GET");
             assert!(api || *body_len == 0, "a body on a GET endpoint");
             assert!(*body_len <= policy.max_body_bytes, "body over the limit");
-            assert!(!api || policy.api_key.is_some(), "API without a key");
+            assert!(!keyed || policy.api_key.is_some(), "API without a key");
             assert!(
-                !api || presents_key(head),
+                !keyed || presents_key(head),
                 "API served without the key: {:?}",
                 String::from_utf8_lossy(head)
             );
@@ -224,7 +239,15 @@ fn check_decision(decision: &Decision, buffer: &[u8], policy: &Policy<'_>) {
                 | HttpRoute::Metrics
                 | HttpRoute::Stats
                 | HttpRoute::Publish
-                | HttpRoute::Disconnect => {}
+                | HttpRoute::Disconnect
+                | HttpRoute::Subscribe
+                | HttpRoute::Unsubscribe
+                | HttpRoute::Room { .. }
+                | HttpRoute::RoomHistory { .. }
+                | HttpRoute::User { .. } => {}
+                HttpRoute::RoomList { limit, .. } => {
+                    assert!(*limit <= 10_000, "a room list over the maximum");
+                }
                 HttpRoute::TokenCheck(check) => {
                     // The check answers for any token, and a refusal names a
                     // code of the contract (§1).

@@ -166,4 +166,12 @@ impl Backplane for DeferredBackplane {
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }
+
+    fn inspect_rooms(
+        &mut self,
+        query: &super::RoomQuery,
+        here: &dyn super::RoomsHere,
+    ) -> Reply<Vec<super::RoomView>> {
+        self.inner.inspect_rooms(query, here)
+    }
 }

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use super::events::RoomEvents;
 use super::{
     Backplane, Effect, JoinRequest, JoinState, LocalView, PresenceEntry, Publication, Published,
-    Remaining, Reply, Retention, RoomRef, UserItem, UserRef,
+    Remaining, Reply, Retention, RoomQuery, RoomRef, RoomView, RoomsHere, UserItem, UserRef,
 };
 use crate::hub::{EMPTY_ROOM_TTL_MS, Millis, Namespaces, RoomOptions, random_epoch};
 use crate::protocol::FrameBuilder;
@@ -243,5 +243,45 @@ impl Backplane for LocalBackplane {
 
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
+    }
+
+    fn inspect_rooms(&mut self, query: &RoomQuery, here: &dyn RoomsHere) -> Reply<Vec<RoomView>> {
+        // The hub counts the members; the authority adds seq, epoch, history.
+        let keys = match query {
+            RoomQuery::List { limit, .. } => {
+                // Only the rooms listed (and one more) are looked at further.
+                let mut keys = here.occupied(query);
+                keys.sort_by(|a, b| a.1.cmp(&b.1));
+                keys.truncate(limit.saturating_add(1));
+                keys
+            }
+            RoomQuery::One { room } => here
+                .key_of(room)
+                .map(|key| vec![(key, room.clone())])
+                .unwrap_or_default(),
+        };
+        let detailed = matches!(query, RoomQuery::One { .. });
+        let mut rooms: Vec<RoomView> = keys
+            .into_iter()
+            .filter_map(|(key, name)| {
+                let authority = self.rooms.get(key).and_then(Option::as_ref)?;
+                let (users, connections) = here.members(key);
+                Some(RoomView {
+                    room: name,
+                    count: users.len() as u64,
+                    connections,
+                    seq: authority.seq,
+                    epoch: authority.epoch.clone(),
+                    users: if detailed { users } else { Vec::new() },
+                    history: if detailed {
+                        authority.history.iter().cloned().collect()
+                    } else {
+                        Vec::new()
+                    },
+                })
+            })
+            .collect();
+        query.finish(&mut rooms);
+        Reply::Now(rooms)
     }
 }

@@ -22,6 +22,7 @@
 #[cfg(test)]
 pub(crate) mod deferred;
 pub mod events;
+pub mod introspection;
 pub mod local;
 pub mod loops;
 pub mod redis;
@@ -32,6 +33,7 @@ use bytes::Bytes;
 
 use crate::hub::Millis;
 use crate::state::RoomSnapshot;
+pub use introspection::{MemberView, RoomQuery, RoomView, RoomsHere};
 
 /// A request to the backplane that is answered later, named for its answer.
 pub type RequestId = u64;
@@ -173,6 +175,11 @@ pub enum UserItem {
     Direct(Bytes),
     /// `/api/disconnect`: close every connection with 4003.
     Kick,
+    /// `/api/subscribe` (§14.3): every connection joins the room, as a
+    /// `join` without `id` that the `rooms` claim does not bound.
+    Subscribe(Box<str>),
+    /// `/api/unsubscribe` (§14.3): every connection in the room leaves it.
+    Unsubscribe(Box<str>),
 }
 
 /// What remains of a room here after a connection left it.
@@ -264,8 +271,11 @@ pub enum Answer {
     },
     /// To `presence`: one entry per user and place.
     Presence(Vec<PresenceEntry>),
-    /// To a `direct` or a kick: the user's connections everywhere.
+    /// To a `direct` or a kick: the user's connections everywhere; to a
+    /// subscribe or unsubscribe: the connections that joined or left.
     Sent(u64),
+    /// To an introspection query (§14.3): the rooms, by name.
+    Rooms(Vec<RoomView>),
 }
 
 /// What the hub does with a room that has no members left here.
@@ -373,4 +383,18 @@ pub trait Backplane {
 
     /// For the I/O shell's backplane-specific plumbing (the Redis bridge).
     fn as_any_mut(&mut self) -> &mut dyn Any;
+
+    /// Rooms as their authority knows them (`/api/rooms…`, §14.3); `here`
+    /// is the hub's view, for a backplane that does not count members itself.
+    fn inspect_rooms(&mut self, query: &RoomQuery, here: &dyn RoomsHere) -> Reply<Vec<RoomView>>;
+
+    /// The hub applied a [`UserItem::Subscribe`] or [`UserItem::Unsubscribe`]
+    /// that came as [`Effect::User`]: `changed` connections here joined or
+    /// left (a backplane that sums the count across loops waits for it).
+    fn user_item_applied(&mut self, _changed: u64) {}
+
+    /// This node's id in the cluster, where there is one (`--redis`).
+    fn node_id(&self) -> Option<&str> {
+        None
+    }
 }

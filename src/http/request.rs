@@ -5,7 +5,7 @@
 use crate::auth::{Identity, Verifier};
 use crate::ws::{self, Endpoint, TokenCheck};
 
-use super::api::decide_api;
+use super::api::{check_api_key, decide_api, inspect_route};
 use super::query::{percent_decode, percent_well_formed, query_param};
 use super::response::{reject, reject_with};
 use super::route::{Route, route};
@@ -205,6 +205,35 @@ pub enum HttpRoute {
     Disconnect,
     /// `GET /token/check`: the token checked as an upgrade would check it.
     TokenCheck(TokenCheck),
+    /// `GET /api/rooms?prefix=P&limit=N` with a verified API key (§14.3).
+    RoomList {
+        /// Names start with this (percent-decoded); empty for all.
+        prefix: String,
+        /// At most this many rooms (default 1000, clamped to 10000).
+        limit: usize,
+    },
+    /// `GET /api/rooms/{room}` with a verified API key; the name is
+    /// percent-decoded but not validated (an invalid one is not known).
+    Room {
+        /// The room's name.
+        room: String,
+    },
+    /// `GET /api/rooms/{room}/history?since=S` with a verified API key.
+    RoomHistory {
+        /// The room's name, as for [`HttpRoute::Room`].
+        room: String,
+        /// Messages with a greater seq are listed (default 0).
+        since: u64,
+    },
+    /// `GET /api/users/{user}` with a verified API key.
+    User {
+        /// The user id, percent-decoded.
+        user: String,
+    },
+    /// `POST /api/subscribe` with a verified API key; the body follows.
+    Subscribe,
+    /// `POST /api/unsubscribe` with a verified API key; the body follows.
+    Unsubscribe,
     /// `GET /demo/token` (demo mode only).
     DemoToken {
         /// The percent-decoded query `name` (`+` as space); `None` when absent
@@ -330,6 +359,13 @@ fn decide_request(
         Route::Health => serve(HttpRoute::Health),
         Route::Plain(route) => serve(route),
         Route::Api(route) => decide_api(route, headers, head_len, keep_alive, policy),
+        // The key first (401/403), then the query (400), as for POST.
+        Route::Inspect(target) => {
+            match check_api_key(headers, policy).and_then(|()| inspect_route(target, query)) {
+                Ok(route) => serve(route),
+                Err(reason) => reject(reason),
+            }
+        }
         Route::DemoToken => match demo_token_name(query) {
             Ok(name) => serve(HttpRoute::DemoToken { name }),
             Err(reason) => reject(reason),

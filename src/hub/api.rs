@@ -16,6 +16,8 @@ pub enum ApiAnswer {
     BadRequest(String),
     /// `503` `{"error":"unavailable"}`.
     Unavailable,
+    /// `404` `{"error":"no_room"}`: a room not known, or a name not valid (§14.3).
+    NoRoom,
 }
 
 /// Which server API endpoint.
@@ -27,6 +29,22 @@ pub enum ApiKind {
     PublishDirect,
     /// `POST /api/disconnect`: close every connection of a user with 4003.
     Disconnect,
+    /// `GET /api/rooms`: rooms with members, at most this many.
+    Rooms {
+        /// How many the answer lists.
+        limit: usize,
+    },
+    /// `GET /api/rooms/{room}`.
+    Room,
+    /// `GET /api/rooms/{room}/history`: the held messages after `since`.
+    History {
+        /// Messages with a greater seq are listed.
+        since: u64,
+    },
+    /// `POST /api/subscribe`.
+    Subscribe,
+    /// `POST /api/unsubscribe`.
+    Unsubscribe,
 }
 
 /// The JSON of an answer that came later.
@@ -41,6 +59,13 @@ pub(super) fn answer_of(kind: ApiKind, answer: Option<Answer>) -> ApiAnswer {
         (ApiKind::Disconnect, Some(Answer::Sent(connections))) => {
             ApiAnswer::Ok(format!(r#"{{"closed":{connections}}}"#))
         }
+        (ApiKind::Subscribe, Some(Answer::Sent(joined))) => {
+            ApiAnswer::Ok(format!(r#"{{"joined":{joined}}}"#))
+        }
+        (ApiKind::Unsubscribe, Some(Answer::Sent(left))) => {
+            ApiAnswer::Ok(format!(r#"{{"left":{left}}}"#))
+        }
+        (kind, Some(Answer::Rooms(rooms))) => super::introspection::rooms_answer(kind, &rooms),
         _ => ApiAnswer::Unavailable,
     }
 }

@@ -272,6 +272,7 @@ pub(super) fn deliver_to(
     }
     match session.outbound.offer(frame, droppable, marks) {
         Offer::Dropped => {
+            session.dropped += 1;
             sinks.metrics.drop_frames(DropReason::SoftMark, 1);
             false
         }

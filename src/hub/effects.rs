@@ -95,6 +95,10 @@ impl Hub {
                         self.close(conn, 4003, "disconnected by the server", now);
                     }
                 }
+                UserItem::Subscribe(_) | UserItem::Unsubscribe(_) => {
+                    let changed = self.apply_membership(&user, &item, now);
+                    self.backplane.user_item_applied(changed);
+                }
             },
         }
     }

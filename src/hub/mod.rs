@@ -22,6 +22,7 @@ mod api;
 mod delivery;
 mod effects;
 mod frames;
+mod introspection;
 mod invariants;
 mod membership;
 pub mod namespaces;
@@ -39,6 +40,7 @@ use bytes::Bytes;
 use slab::Slab;
 
 pub use api::{ApiAnswer, ApiKind};
+pub use introspection::{ConnectionView, user_answer};
 pub use namespaces::{NamespaceSpec, Namespaces, RoomOptions};
 
 use crate::auth::{Identity, Verifier};

@@ -106,9 +106,10 @@ impl Hub {
                 "room names are 1-64 characters of A-Z a-z 0-9 _ - . :",
             ));
         }
-        let allowed = self
-            .session(conn)
-            .is_some_and(|session| session.access.allows(room));
+        // A room the server API subscribed it to passes too (§14.3).
+        let allowed = self.session(conn).is_some_and(|session| {
+            session.access.allows(room) || session.granted.iter().any(|r| **r == *room)
+        });
         if !allowed {
             return Err(Refusal::new(
                 ErrorCode::Forbidden,
@@ -148,7 +149,7 @@ impl Hub {
         member_of.ok_or_else(|| Refusal::new(ErrorCode::NotInRoom, format!("join {room} first")))
     }
 
-    fn is_member(&self, conn: ConnId, room_id: RoomId) -> bool {
+    pub(super) fn is_member(&self, conn: ConnId, room_id: RoomId) -> bool {
         self.session(conn)
             .is_some_and(|s| s.memberships.iter().any(|m| m.room == room_id))
     }

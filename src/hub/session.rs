@@ -107,6 +107,15 @@ pub(super) struct Session {
     pub(super) replies: VecDeque<Slot>,
     /// A close decided while replies still waited: it happens once they are out.
     pub(super) close_after_replies: Option<(u16, &'static str)>,
+    /// When the connection was handed to the hub (`/api/users`, §14.3).
+    pub(super) connected_at: Millis,
+    /// Room broadcasts dropped to it at the soft mark (`/api/users`).
+    pub(super) dropped: u64,
+    /// The peer's `ip:port`, as the shell reported it.
+    pub(super) remote: Option<Box<str>>,
+    /// Rooms `/api/subscribe` put it in: usable outside its `rooms` claim
+    /// (§14.3), until `/api/unsubscribe` takes them back.
+    pub(super) granted: Vec<Box<str>>,
 }
 
 impl Session {
@@ -135,6 +144,10 @@ impl Session {
             lagged: Vec::new(),
             replies: VecDeque::new(),
             close_after_replies: None,
+            connected_at: now,
+            dropped: 0,
+            remote: None,
+            granted: Vec::new(),
         }
     }
 

@@ -1816,6 +1816,14 @@ fn above_the_soft_mark_broadcasts_are_dropped_but_replies_are_queued() {
     carol.extend(drain(&mut hub, 2));
     assert_eq!(hub.outbound_mut(1).unwrap().len(), queued, "nothing queued");
     assert_eq!(hub.metrics().messages_dropped, dropped + 4);
+    // `/api/users` shows the connection's own count (§14.3) and its queue.
+    let bob = hub.connections_of("bob");
+    assert_eq!(bob.first().map(|c| c.dropped), Some(4));
+    assert_eq!(bob.first().map(|c| c.queued_bytes), Some(queued));
+    assert_eq!(
+        hub.connections_of("alice").first().map(|c| c.dropped),
+        Some(0)
+    );
     assert_eq!(
         types(&carol),
         ["message", "message", "message", "typing"],

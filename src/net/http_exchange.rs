@@ -12,8 +12,9 @@ use super::connection::Phase;
 use super::server::{DEMO_TOKEN_TTL_SECS, EventLoop, ServerTimer};
 use crate::assets;
 use crate::auth::{self, Identity, TokenClaims};
+use crate::backplane::RoomQuery;
 use crate::http::{self, Decision, Endpoint, HttpRoute, Policy, RejectReason};
-use crate::hub::{ApiAnswer, Millis};
+use crate::hub::{ApiAnswer, ApiKind, Millis, user_answer};
 use crate::outbound::OutboundQueue;
 
 const JSON: &str = "application/json";
@@ -277,8 +278,11 @@ impl EventLoop {
                 self.hub.mark_dirty(key);
             }
             Endpoint::Rooms { join } => {
+                let peer = connection.peer;
                 self.hub
                     .connect_after(key, upgrade, identity, join.as_deref(), now);
+                // For `/api/users` (§14.3): the hub keeps no sockets.
+                self.hub.set_remote(key, peer);
             }
         }
         // Frames that came with the head are already buffered: parse them now,
@@ -339,8 +343,42 @@ impl EventLoop {
                 let json = self.hub.metrics().stats_json(self.gauges());
                 respond(200, JSON, json.as_bytes())
             }
-            HttpRoute::Publish | HttpRoute::Disconnect => {
+            HttpRoute::Publish
+            | HttpRoute::Disconnect
+            | HttpRoute::Subscribe
+            | HttpRoute::Unsubscribe => {
                 return self.serve_api(route, body, keep_alive, now, serial);
+            }
+            HttpRoute::RoomList { prefix, limit } => {
+                let query = RoomQuery::List {
+                    prefix: prefix.into(),
+                    limit,
+                };
+                let answer = self
+                    .hub
+                    .api_rooms(query, ApiKind::Rooms { limit }, now, serial)?;
+                return Some(self.api_response(answer, keep_alive));
+            }
+            HttpRoute::Room { room } => {
+                let query = RoomQuery::One { room: room.into() };
+                let answer = self.hub.api_rooms(query, ApiKind::Room, now, serial)?;
+                return Some(self.api_response(answer, keep_alive));
+            }
+            HttpRoute::RoomHistory { room, since } => {
+                let query = RoomQuery::One { room: room.into() };
+                let kind = ApiKind::History { since };
+                let answer = self.hub.api_rooms(query, kind, now, serial)?;
+                return Some(self.api_response(answer, keep_alive));
+            }
+            // With N loops the user's connections are gathered from every loop.
+            HttpRoute::User { user } if self.loop_count() > 1 => {
+                self.gather_user(serial, &user, keep_alive);
+                return None;
+            }
+            HttpRoute::User { user } => {
+                let connections = self.hub.connections_of(&user);
+                let json = user_answer(&user, connections, self.hub.node_id());
+                respond(200, JSON, json.as_bytes())
             }
             HttpRoute::TokenCheck(check) => {
                 let (status, json) = check.answer();
@@ -371,10 +409,11 @@ impl EventLoop {
         now: Millis,
         serial: u64,
     ) -> Option<(Vec<u8>, bool)> {
-        let answer = if route == HttpRoute::Publish {
-            self.hub.api_publish(body, now, serial)?
-        } else {
-            self.hub.api_disconnect(body, now, serial)?
+        let answer = match route {
+            HttpRoute::Publish => self.hub.api_publish(body, now, serial)?,
+            HttpRoute::Subscribe => self.hub.api_membership(body, true, now, serial)?,
+            HttpRoute::Unsubscribe => self.hub.api_membership(body, false, now, serial)?,
+            _ => self.hub.api_disconnect(body, now, serial)?,
         };
         Some(self.api_response(answer, keep_alive))
     }
@@ -426,6 +465,14 @@ impl EventLoop {
                 let json = serde_json::json!({ "error": message }).to_string();
                 (
                     http::response_with(400, JSON, json.as_bytes(), &[], false),
+                    false,
+                )
+            }
+            ApiAnswer::NoRoom => {
+                // Counted and closed like every refusal (§14.3: `not_found`).
+                self.hub.metrics_mut().reject(RejectReason::NotFound);
+                (
+                    http::response_with(404, JSON, br#"{"error":"no_room"}"#, &[], false),
                     false,
                 )
             }

@@ -20,7 +20,7 @@ use super::persistence::Keeper;
 use super::server::EventLoop;
 use crate::backplane::loops::{LoopMessage, LoopsBackplane, RoomHomes};
 use crate::http;
-use crate::hub::Millis;
+use crate::hub::{ConnectionView, Millis, user_answer};
 use crate::metrics::Metrics;
 use crate::webhook::Webhooks;
 
@@ -134,6 +134,23 @@ pub enum LoopMail {
         /// The asking loop's ticket.
         ticket: u64,
     },
+    /// Send the user's connections to loop `from` for its answer `ticket`
+    /// (`/api/users/{user}`, §14.3).
+    UserAsk {
+        /// The asking loop.
+        from: usize,
+        /// The asking loop's ticket.
+        ticket: u64,
+        /// The user id.
+        user: Box<str>,
+    },
+    /// A loop's connections of the user, for a gathered answer.
+    UserReply {
+        /// The ticket asked with.
+        ticket: u64,
+        /// The user's connections on that loop.
+        connections: Vec<ConnectionView>,
+    },
     /// A loop's counters for a gathered answer.
     StatsReply {
         /// The ticket asked with.
@@ -155,6 +172,18 @@ pub struct StatsGather {
     pub rooms: usize,
     /// Prometheus text (true) or JSON.
     pub prometheus: bool,
+    /// Whether the connection stays open after the answer.
+    pub keep_alive: bool,
+}
+
+/// `/api/users/{user}` waiting for the other loops' connections.
+pub struct UserGather {
+    /// Loops yet to answer.
+    pub left: usize,
+    /// The user id.
+    pub user: Box<str>,
+    /// The connections so far.
+    pub connections: Vec<ConnectionView>,
     /// Whether the connection stays open after the answer.
     pub keep_alive: bool,
 }
@@ -243,6 +272,20 @@ impl EventLoop {
                 metrics,
                 rooms,
             } => self.stats_replied(ticket, &metrics, rooms),
+            LoopMail::UserAsk { from, ticket, user } => {
+                let connections = self.hub.connections_of(&user);
+                self.mail(
+                    from,
+                    LoopMail::UserReply {
+                        ticket,
+                        connections,
+                    },
+                );
+            }
+            LoopMail::UserReply {
+                ticket,
+                connections,
+            } => self.user_replied(ticket, connections),
         }
         false
     }
@@ -270,6 +313,52 @@ impl EventLoop {
                 },
             );
         }
+    }
+
+    /// `/api/users/{user}` with N loops: asks every other loop for the
+    /// user's connections; the answer goes out when all have answered.
+    pub(super) fn gather_user(&mut self, serial: u64, user: &str, keep_alive: bool) {
+        let gather = UserGather {
+            left: self.loop_count().saturating_sub(1),
+            user: user.into(),
+            connections: self.hub.connections_of(user),
+            keep_alive,
+        };
+        self.user_gathers.insert(serial, gather);
+        let me = self.index;
+        for to in (0..self.loop_count()).filter(|&to| to != me) {
+            self.mail(
+                to,
+                LoopMail::UserAsk {
+                    from: me,
+                    ticket: serial,
+                    user: user.into(),
+                },
+            );
+        }
+    }
+
+    fn user_replied(&mut self, ticket: u64, connections: Vec<ConnectionView>) {
+        let Some(gather) = self.user_gathers.get_mut(&ticket) else {
+            return;
+        };
+        gather.connections.extend(connections);
+        gather.left = gather.left.saturating_sub(1);
+        if gather.left > 0 {
+            return;
+        }
+        let Some(gather) = self.user_gathers.remove(&ticket) else {
+            return;
+        };
+        let json = user_answer(&gather.user, gather.connections, self.hub.node_id());
+        let response = http::response_with(
+            200,
+            "application/json",
+            json.as_bytes(),
+            &[],
+            gather.keep_alive,
+        );
+        self.plain_answers.push((ticket, response));
     }
 
     fn stats_replied(&mut self, ticket: u64, metrics: &Metrics, rooms: usize) {

@@ -422,6 +422,7 @@ impl EventLoop {
             outbox: (0..count).map(|_| Vec::new()).collect(),
             next_target: 0,
             stats_gathers: std::collections::HashMap::new(),
+            user_gathers: std::collections::HashMap::new(),
             plain_answers: Vec::new(),
             connections: Slab::new(),
             hub: Hub::with_backplane(config, backplane),

@@ -98,6 +98,8 @@ pub struct EventLoop {
     pub(super) next_target: usize,
     /// `/metrics` and `/api/stats` waiting for the other loops' figures.
     pub(super) stats_gathers: std::collections::HashMap<u64, StatsGather>,
+    /// `/api/users/{user}` waiting for the other loops' connections, by ticket.
+    pub(super) user_gathers: std::collections::HashMap<u64, super::peers::UserGather>,
     /// Plain answers that came later (gathered stats), by the connection's serial.
     pub(super) plain_answers: Vec<(u64, Vec<u8>)>,
     pub(super) connections: Slab<Connection>,

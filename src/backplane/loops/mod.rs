@@ -26,7 +26,8 @@ use super::events::RoomEvents;
 use super::local::member_frame;
 use super::{
     Answer, Backplane, Effect, JoinRequest, JoinState, LocalView, PresenceEntry, Publication,
-    Published, Remaining, Reply, RequestId, Retention, RoomRef, RoomTraffic, UserItem, UserRef,
+    Published, Remaining, Reply, RequestId, Retention, RoomQuery, RoomRef, RoomTraffic, RoomView,
+    RoomsHere, UserItem, UserRef,
 };
 use crate::hub::{EMPTY_ROOM_TTL_MS, Millis, Namespaces, RoomOptions, random_epoch};
 use crate::protocol::FrameBuilder;
@@ -157,12 +158,30 @@ pub enum LoopMessage {
         /// What to do.
         item: UserItem,
     },
-    /// The user's connections on the answering loop, for a `ToUser`.
+    /// The user's connections on the answering loop, for a `ToUser` (for
+    /// a subscribe or unsubscribe: those that joined or left).
     Count {
         /// The request.
         request: RequestId,
         /// Connections there.
         count: u64,
+    },
+    /// To every loop (a list) or a room's home: the rooms homed there that
+    /// answer an introspection query (§14.3).
+    Inspect {
+        /// The asking loop.
+        from: usize,
+        /// Answered with this id.
+        request: RequestId,
+        /// What is asked.
+        query: RoomQuery,
+    },
+    /// The answer to an `Inspect`.
+    Inspected {
+        /// The request.
+        request: RequestId,
+        /// The rooms homed on the answering loop that match.
+        rooms: Vec<RoomView>,
     },
 }
 
@@ -207,6 +226,13 @@ struct Gather {
     total: u64,
 }
 
+/// An introspection query waiting for other loops' rooms.
+struct RoomsGather {
+    left: usize,
+    query: RoomQuery,
+    rooms: Vec<RoomView>,
+}
+
 /// The backplane of one of N loops.
 pub struct LoopsBackplane {
     me: usize,
@@ -222,6 +248,11 @@ pub struct LoopsBackplane {
     /// Connections of each user on this loop (for counts asked by others).
     users_here: HashMap<Box<str>, u32>,
     gathers: HashMap<RequestId, Gather>,
+    /// Introspection queries waiting for other loops.
+    inspections: HashMap<RequestId, RoomsGather>,
+    /// Subscribes and unsubscribes handed to the hub here, in order, whose
+    /// count goes to (loop, request) once the hub applied them.
+    membership_counts: VecDeque<(usize, RequestId)>,
     next_request: RequestId,
     out: Vec<(usize, LoopMessage)>,
     effects: Vec<Effect>,
@@ -250,6 +281,8 @@ impl LoopsBackplane {
             open: HashMap::new(),
             users_here: HashMap::new(),
             gathers: HashMap::new(),
+            inspections: HashMap::new(),
+            membership_counts: VecDeque::new(),
             next_request: 0,
             out: Vec::new(),
             effects: Vec::new(),
@@ -584,12 +617,29 @@ impl LoopsBackplane {
                 item,
             } => {
                 let count = u64::from(self.users_here.get(&*user).copied().unwrap_or(0));
+                let membership = matches!(item, UserItem::Subscribe(_) | UserItem::Unsubscribe(_));
                 if count > 0 {
                     self.effects.push(Effect::User { user, item });
                 }
-                self.out.push((from, LoopMessage::Count { request, count }));
+                if membership && count > 0 {
+                    // The hub says how many joined or left once it applied it.
+                    self.membership_counts.push_back((from, request));
+                } else {
+                    let count = if membership { 0 } else { count };
+                    self.out.push((from, LoopMessage::Count { request, count }));
+                }
             }
             LoopMessage::Count { request, count } => self.counted(request, count),
+            LoopMessage::Inspect {
+                from,
+                request,
+                query,
+            } => {
+                let rooms = self.rooms_homed_here(&query);
+                self.out
+                    .push((from, LoopMessage::Inspected { request, rooms }));
+            }
+            LoopMessage::Inspected { request, rooms } => self.inspected(request, rooms),
         }
     }
 
@@ -615,6 +665,68 @@ impl LoopsBackplane {
             let answer = Some(Answer::Sent(total));
             self.effects.push(Effect::Answer { request, answer });
         }
+    }
+
+    /// The rooms homed here that answer `query`, sorted and cut as it says.
+    fn rooms_homed_here(&self, query: &RoomQuery) -> Vec<RoomView> {
+        let detailed = matches!(query, RoomQuery::One { .. });
+        let mut rooms: Vec<RoomView> = self
+            .authorities
+            .iter()
+            .filter(|(name, authority)| {
+                query.matches(name) && (detailed || authority.member_connections() > 0)
+            })
+            .map(|(name, authority)| {
+                let mut users: Vec<super::MemberView> = if detailed {
+                    authority
+                        .users
+                        .iter()
+                        .map(|(id, (connections, json))| super::MemberView {
+                            id: id.clone(),
+                            json: json.clone(),
+                            connections: u64::from(*connections),
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                users.sort_by(|a, b| a.id.cmp(&b.id));
+                RoomView {
+                    room: name.clone(),
+                    count: authority.users.len() as u64,
+                    connections: authority.member_connections(),
+                    seq: authority.seq,
+                    epoch: authority.epoch.clone(),
+                    users,
+                    history: if detailed {
+                        authority.history.iter().cloned().collect()
+                    } else {
+                        Vec::new()
+                    },
+                }
+            })
+            .collect();
+        query.finish(&mut rooms);
+        rooms
+    }
+
+    /// Another loop's rooms for a gathered query; the answer goes to the
+    /// hub once every loop asked has answered.
+    fn inspected(&mut self, request: RequestId, rooms: Vec<RoomView>) {
+        let Some(gather) = self.inspections.get_mut(&request) else {
+            return;
+        };
+        gather.rooms.extend(rooms);
+        gather.left = gather.left.saturating_sub(1);
+        if gather.left > 0 {
+            return;
+        }
+        let Some(mut gather) = self.inspections.remove(&request) else {
+            return;
+        };
+        gather.query.finish(&mut gather.rooms);
+        let answer = Some(Answer::Rooms(gather.rooms));
+        self.effects.push(Effect::Answer { request, answer });
     }
 
     fn presence_entries(&self, room: &str) -> Vec<PresenceEntry> {
@@ -841,12 +953,20 @@ impl Backplane for LoopsBackplane {
 
     fn send_to_user(&mut self, user_id: &str, item: &UserItem) -> Reply<()> {
         let request = self.request();
-        let here = u64::from(self.users_here.get(user_id).copied().unwrap_or(0));
+        let mut here = u64::from(self.users_here.get(user_id).copied().unwrap_or(0));
+        let membership = matches!(item, UserItem::Subscribe(_) | UserItem::Unsubscribe(_));
+        let mut left = self.loops.saturating_sub(1);
         if here > 0 {
             self.effects.push(Effect::User {
                 user: user_id.into(),
                 item: item.clone(),
             });
+            if membership {
+                // This loop's count comes from the hub, like the others'.
+                self.membership_counts.push_back((self.me, request));
+                left += 1;
+                here = 0;
+            }
         }
         for index in (0..self.loops).filter(|&index| index != self.me) {
             self.out.push((
@@ -859,15 +979,12 @@ impl Backplane for LoopsBackplane {
                 },
             ));
         }
-        self.gathers.insert(
-            request,
-            Gather {
-                left: self.loops.saturating_sub(1),
-                total: here,
-            },
-        );
-        if self.loops <= 1 {
-            self.counted(request, 0);
+        self.gathers.insert(request, Gather { left, total: here });
+        if left == 0 {
+            // One loop and nobody here: no count will come.
+            self.gathers.remove(&request);
+            let answer = Some(Answer::Sent(here));
+            self.effects.push(Effect::Answer { request, answer });
         }
         Reply::Later(request)
     }
@@ -912,5 +1029,57 @@ impl Backplane for LoopsBackplane {
 
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
+    }
+
+    fn inspect_rooms(&mut self, query: &RoomQuery, _here: &dyn RoomsHere) -> Reply<Vec<RoomView>> {
+        // The loops asked: every loop for a list, the room's home for one room.
+        let asked: Vec<usize> = match query {
+            RoomQuery::List { .. } => (0..self.loops).filter(|&index| index != self.me).collect(),
+            RoomQuery::One { room } => match self.homes.lookup(room) {
+                Some(home) if home != self.me => vec![home],
+                _ => Vec::new(),
+            },
+        };
+        let rooms = self.rooms_homed_here(query);
+        if asked.is_empty() {
+            return Reply::Now(rooms);
+        }
+        let request = self.request();
+        for &index in &asked {
+            self.out.push((
+                index,
+                LoopMessage::Inspect {
+                    from: self.me,
+                    request,
+                    query: query.clone(),
+                },
+            ));
+        }
+        self.inspections.insert(
+            request,
+            RoomsGather {
+                left: asked.len(),
+                query: query.clone(),
+                rooms,
+            },
+        );
+        Reply::Later(request)
+    }
+
+    fn user_item_applied(&mut self, changed: u64) {
+        let Some((from, request)) = self.membership_counts.pop_front() else {
+            return;
+        };
+        if from == self.me {
+            self.counted(request, changed);
+        } else {
+            self.out.push((
+                from,
+                LoopMessage::Count {
+                    request,
+                    count: changed,
+                },
+            ));
+        }
     }
 }

@@ -309,3 +309,77 @@ fn max_members_and_member_events_are_decided_by_the_rooms_home_loop() {
     }
     assert_eq!(process.join(1, 2, "duo:x")["count"], 2);
 }
+
+/// The answer of a server API request on loop `on`, once the mail settled.
+fn api_answer(process: &mut Process, on: usize, ticket: u64) -> crate::hub::ApiAnswer {
+    process.settle();
+    let mut answers = Vec::new();
+    process.loops[on].take_api_answers(&mut answers);
+    let (got, answer) = answers.pop().expect("an API answer");
+    assert_eq!(got, ticket);
+    answer
+}
+
+#[test]
+fn the_rooms_of_every_loop_are_listed_by_name_and_one_room_by_its_home() {
+    let mut process = Process::new(3);
+    process.connect(0, 1, "ann");
+    process.connect(1, 1, "bob");
+    process.connect(2, 1, "ann");
+    process.join(1, 1, "b");
+    process.join(0, 1, "a");
+    process.join(2, 1, "a");
+    process.join(2, 1, "c");
+    let query = RoomQuery::List {
+        prefix: "".into(),
+        limit: 2,
+    };
+    let kind = crate::hub::ApiKind::Rooms { limit: 2 };
+    assert_eq!(process.loops[1].api_rooms(query, kind, NOW, 7), None);
+    let crate::hub::ApiAnswer::Ok(json) = api_answer(&mut process, 1, 7) else {
+        panic!("not answered");
+    };
+    let list: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(list["truncated"], true);
+    assert_eq!(list["rooms"][0]["room"], "a");
+    assert_eq!(list["rooms"][0]["count"], 1);
+    assert_eq!(list["rooms"][0]["connections"], 2);
+    assert_eq!(list["rooms"][1]["room"], "b");
+
+    // "a" is homed on loop 0: loop 2 asks it.
+    let query = RoomQuery::One { room: "a".into() };
+    assert_eq!(
+        process.loops[2].api_rooms(query, crate::hub::ApiKind::Room, NOW, 8),
+        None
+    );
+    let crate::hub::ApiAnswer::Ok(json) = api_answer(&mut process, 2, 8) else {
+        panic!("not answered");
+    };
+    let room: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        room["users"],
+        json!([{"id": "ann", "name": "ann", "connections": 2}])
+    );
+}
+
+#[test]
+fn subscribe_counts_the_connections_that_joined_on_every_loop() {
+    let mut process = Process::new(2);
+    process.connect(0, 1, "ann");
+    process.connect(1, 1, "ann");
+    process.join(1, 1, "r");
+    let body = br#"{"user":"ann","room":"r"}"#;
+    assert_eq!(process.loops[0].api_membership(body, true, NOW, 3), None);
+    // Only the connection on loop 0 joined: the other was in the room.
+    assert_eq!(
+        api_answer(&mut process, 0, 3),
+        crate::hub::ApiAnswer::Ok(r#"{"joined":1}"#.into())
+    );
+    let frames = process.drain(0, 1);
+    assert_eq!(kinds(&frames), ["joined"], "{frames:?}");
+    assert_eq!(process.loops[1].api_membership(body, false, NOW, 4), None);
+    assert_eq!(
+        api_answer(&mut process, 1, 4),
+        crate::hub::ApiAnswer::Ok(r#"{"left":2}"#.into())
+    );
+}

@@ -37,6 +37,8 @@ use crate::hub::Namespaces;
 use log::{debug, info, warn};
 use redis::{Client, Connection, Pipeline, RedisError, Value};
 
+use crate::backplane::{MemberView, RoomView};
+
 use super::commands::{
     self, Command, Event, KEY_TTL_MS, NODE_TTL_MS, RegisteredRoom, Reply, ReqId, RoomItem,
     RoomMembers, RoomState, Script, Subscription, USERS_CHANNEL,
@@ -332,6 +334,9 @@ enum Expect {
     Published(ReqId),
     Presence(ReqId),
     Sent(ReqId),
+    /// The occupied rooms, or one room in detail (`Room`).
+    Rooms(ReqId),
+    Room(ReqId, String),
 }
 
 impl CommandThread {
@@ -425,6 +430,9 @@ impl CommandThread {
             | Command::Publish { req, .. }
             | Command::Presence { req, .. }
             | Command::SendUser { req, .. }
+            | Command::Rooms { req, .. }
+            | Command::Room { req, .. }
+            | Command::Membership { req, .. }
             | Command::Register { req, .. } => *req,
             _ => return,
         };
@@ -692,6 +700,8 @@ impl CommandThread {
                         req,
                         int(&value).map(|connections| Reply::Sent { connections }),
                     ),
+                    Expect::Rooms(req) => (req, room_list(&value)),
+                    Expect::Room(req, room) => (req, room_detail(&room, &value)),
                 },
                 Err(error) => {
                     if error.code() == Some("NOSCRIPT") {
@@ -704,6 +714,8 @@ impl CommandThread {
                         Expect::Joined(req)
                         | Expect::Published(req)
                         | Expect::Presence(req)
+                        | Expect::Rooms(req)
+                        | Expect::Room(req, _)
                         | Expect::Sent(req) => (req, None),
                     }
                 }
@@ -835,6 +847,39 @@ impl CommandThread {
             Command::Register { .. } | Command::Shutdown => {
                 pipe.cmd("PING");
                 Expect::Nothing
+            }
+            Command::Rooms { req, prefix, want } => {
+                pipe.cmd("EVALSHA")
+                    .arg(self.sha(Script::Rooms))
+                    .arg(0)
+                    .arg(prefix)
+                    .arg(*want);
+                Expect::Rooms(*req)
+            }
+            Command::Membership {
+                req,
+                user_id,
+                room,
+                subscribe,
+                envelope,
+            } => {
+                pipe.cmd("EVALSHA")
+                    .arg(self.sha(Script::Membership))
+                    .arg(2)
+                    .arg(commands::user_key(user_id))
+                    .arg(&commands::room_keys(room)[2])
+                    .arg(USERS_CHANNEL)
+                    .arg(envelope)
+                    .arg(user_id)
+                    .arg(if *subscribe { "1" } else { "0" });
+                Expect::Sent(*req)
+            }
+            Command::Room { req, room } => {
+                pipe.cmd("EVALSHA")
+                    .arg(self.sha(Script::Room))
+                    .arg(5)
+                    .arg(&commands::room_keys(room)[..]);
+                Expect::Room(*req, room.clone())
             }
         }
     }
@@ -1002,6 +1047,71 @@ fn presence(value: &Value) -> Option<Reply> {
         entries.push((user.to_string(), count.parse().ok()?, user_json.to_string()));
     }
     Some(Reply::Presence { entries })
+}
+
+/// The answer of the rooms script: five items per room.
+fn room_list(value: &Value) -> Option<Reply> {
+    let items = array(value)?;
+    let mut rooms = Vec::with_capacity(items.len() / 5);
+    for room in items.chunks(5) {
+        let [name, count, connections, epoch, seq] = room else {
+            return None;
+        };
+        rooms.push(RoomView {
+            room: text(name)?.into_boxed_str(),
+            count: int(count)?,
+            connections: int(connections)?,
+            seq: int(seq)?,
+            epoch: text(epoch)?.into_boxed_str(),
+            users: Vec::new(),
+            history: Vec::new(),
+        });
+    }
+    Some(Reply::Rooms { rooms })
+}
+
+/// The answer of the room script: no room, or its state, users and history.
+fn room_detail(room: &str, value: &Value) -> Option<Reply> {
+    let items = array(value)?;
+    if items.is_empty() {
+        return Some(Reply::Rooms { rooms: Vec::new() });
+    }
+    let epoch = text(items.first()?)?;
+    let seq = int(items.get(1)?)?;
+    let connections = int(items.get(2)?)?;
+    let user_count = usize::try_from(int(items.get(3)?)?).ok()?;
+    let users_end = user_count.checked_mul(3)?.checked_add(4)?;
+    let mut users = Vec::with_capacity(user_count);
+    for user in items.get(4..users_end)?.chunks(3) {
+        let [id, connections, json] = user else {
+            return None;
+        };
+        users.push(MemberView {
+            id: text(id)?.into_boxed_str(),
+            json: text(json)?.into_boxed_str(),
+            connections: int(connections)?,
+        });
+    }
+    users.sort_by(|a, b| a.id.cmp(&b.id));
+    // The history is contiguous and ends at `seq`.
+    let held = items.get(users_end..).unwrap_or_default();
+    let first_seq = seq.saturating_add(1).saturating_sub(held.len() as u64);
+    let history = held
+        .iter()
+        .zip(first_seq..)
+        .map(|(frame, seq)| Some((seq, crate::protocol::text_frame(&text(frame)?))))
+        .collect::<Option<Vec<_>>>()?;
+    Some(Reply::Rooms {
+        rooms: vec![RoomView {
+            room: room.into(),
+            count: user_count as u64,
+            connections,
+            seq,
+            epoch: epoch.into_boxed_str(),
+            users,
+            history,
+        }],
+    })
 }
 
 struct SubscriberThread {

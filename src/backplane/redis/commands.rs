@@ -21,7 +21,11 @@
 //!   publish was `delivered` to). Entries of dead nodes are removed by the
 //!   scripts that read them.
 //! - `rc:user:{U}`: hash node → the user's open connections there (`direct`,
-//!   `/api/disconnect`).
+//!   `/api/disconnect`, `/api/subscribe`).
+//! - `rc:rooms`: sorted set (all scores 0, so by name) of the rooms with
+//!   users, for `GET /api/rooms` (§14.3): added to and removed from where a
+//!   room's `u` hash changes; a room whose users sat on dead nodes is taken
+//!   out by the script that lists rooms.
 //!
 //! Room keys expire 5 minutes after the last write; every node refreshes the
 //! keys of its rooms with members and of its users every minute (§11: a room
@@ -209,6 +213,38 @@ pub enum Command {
     },
     /// Graceful shutdown: stop counting in presence now.
     Shutdown,
+    /// `GET /api/rooms` (§14.3): rooms with users on live nodes whose name
+    /// starts with `prefix`, by name, at most `want`.
+    Rooms {
+        /// Comes back in the [`Event::Reply`] that answers this request.
+        req: ReqId,
+        /// The name prefix; empty for every room.
+        prefix: String,
+        /// How many rooms at most.
+        want: usize,
+    },
+    /// `/api/subscribe` or `/api/unsubscribe` (§14.3): published on the
+    /// users channel when the user has a connection on a live node;
+    /// answered with how many of them it changes.
+    Membership {
+        /// Comes back in the [`Event::Reply`] that answers this request.
+        req: ReqId,
+        /// The user's id.
+        user_id: String,
+        /// The room.
+        room: String,
+        /// Subscribe (true) or unsubscribe.
+        subscribe: bool,
+        /// What is published: a [`membership_envelope`].
+        envelope: String,
+    },
+    /// `GET /api/rooms/{room}…` (§14.3): one room with its users and history.
+    Room {
+        /// Comes back in the [`Event::Reply`] that answers this request.
+        req: ReqId,
+        /// The room's name.
+        room: String,
+    },
 }
 
 /// A room's local members, for registration.
@@ -300,6 +336,11 @@ pub enum Reply {
     Sent {
         /// The user's open connections on live nodes; 0 means nothing was published.
         connections: u64,
+    },
+    /// `Rooms` or `Room`: the rooms found, by name (none: the room is not known).
+    Rooms {
+        /// The rooms, with users and history for `Room`.
+        rooms: Vec<crate::backplane::RoomView>,
     },
     /// `Register`: each room's state, in the order given.
     Registered {
@@ -428,6 +469,15 @@ pub fn kick_envelope(user: &str) -> String {
     out
 }
 
+/// Subscribe (`subscribe` true) or unsubscribe every connection of `user`
+/// to or from `room` (§14.3).
+pub fn membership_envelope(user: &str, room: &str, subscribe: bool) -> String {
+    let mut out = String::from(if subscribe { "s" } else { "u" });
+    push_counted(&mut out, user);
+    out.push_str(room);
+    out
+}
+
 /// Reads an item of a room channel; `None` for a marker of another process
 /// or anything malformed.
 pub fn parse_room_item(payload: &str, process: &str) -> Option<RoomItem> {
@@ -472,6 +522,14 @@ pub fn parse_user_item(payload: &str) -> Option<(String, UserItem)> {
         b'k' => {
             let (user, _) = split_counted(rest)?;
             Some((user.to_string(), UserItem::Kick))
+        }
+        b's' => {
+            let (user, room) = split_counted(rest)?;
+            Some((user.to_string(), UserItem::Subscribe(room.into())))
+        }
+        b'u' => {
+            let (user, room) = split_counted(rest)?;
+            Some((user.to_string(), UserItem::Unsubscribe(room.into())))
         }
         _ => None,
     }
@@ -518,6 +576,20 @@ const SEND_USER_BODY: &str = include_str!("scripts/send_user.lua");
 /// another one (what a Redis that came back empty took since then).
 const REGISTER_ROOM_BODY: &str = include_str!("scripts/register_room.lua");
 
+/// ARGV: prefix, how many. Returns {name, count, connections, epoch, seq}
+/// for each room with users on live nodes, by name (§14.3).
+const ROOMS_BODY: &str = include_str!("scripts/rooms.lua");
+
+/// KEYS: room, history, p, u, c. Returns {epoch, seq, connections, users,
+/// (user, connections, user JSON)..., held messages...}, or {} when the room
+/// is not known (§14.3).
+const ROOM_BODY: &str = include_str!("scripts/room.lua");
+
+/// KEYS: user, the room's p. ARGV: channel, envelope, user, '1' to
+/// subscribe or '0'. Publishes when the user has a connection on a live
+/// node; returns the connections not in the room (subscribe) or in it.
+const MEMBERSHIP_BODY: &str = include_str!("scripts/membership.lua");
+
 /// The Lua scripts, loaded once per connection and called by their SHA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Script {
@@ -538,17 +610,27 @@ pub enum Script {
     /// For [`Command::Register`], once per room: counts this node's members
     /// of the room in under the new node id and reads the history it missed.
     RegisterRoom,
+    /// For [`Command::Rooms`]: the occupied rooms by name.
+    Rooms,
+    /// For [`Command::Room`]: one room's state, users and history.
+    Room,
+    /// For [`Command::Membership`]: publishes to a connected user and
+    /// counts the connections it changes.
+    Membership,
 }
 
 impl Script {
     /// Every script, in a fixed order (the index of each SHA).
-    pub const ALL: [Script; 6] = [
+    pub const ALL: [Script; 9] = [
         Script::Join,
         Script::Publish,
         Script::Member,
         Script::Presence,
         Script::SendUser,
         Script::RegisterRoom,
+        Script::Rooms,
+        Script::Room,
+        Script::Membership,
     ];
 
     /// The full source: the shared helpers and the script's body.
@@ -560,6 +642,9 @@ impl Script {
             Script::Presence => PRESENCE_BODY,
             Script::SendUser => SEND_USER_BODY,
             Script::RegisterRoom => REGISTER_ROOM_BODY,
+            Script::Rooms => ROOMS_BODY,
+            Script::Room => ROOM_BODY,
+            Script::Membership => MEMBERSHIP_BODY,
         };
         format!("{PRELUDE}{body}")
     }
@@ -619,6 +704,14 @@ mod tests {
         assert_eq!(
             parse_user_item(&kick_envelope("é:x")),
             Some(("é:x".to_string(), UserItem::Kick))
+        );
+        assert_eq!(
+            parse_user_item(&membership_envelope("u:1", "team:a", true)),
+            Some(("u:1".to_string(), UserItem::Subscribe("team:a".into())))
+        );
+        assert_eq!(
+            parse_user_item(&membership_envelope("u", "r", false)),
+            Some(("u".to_string(), UserItem::Unsubscribe("r".into())))
         );
     }
 

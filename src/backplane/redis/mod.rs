@@ -96,11 +96,18 @@ struct Snapshot {
 
 /// What a command's answer is for.
 enum Pending {
-    Join { room: Box<str>, life: u64 },
+    Join {
+        room: Box<str>,
+        life: u64,
+    },
     Publish,
     Presence,
     Send,
-    Register { rooms: Vec<Snapshot> },
+    Register {
+        rooms: Vec<Snapshot>,
+    },
+    /// `/api/rooms…` (§14.3).
+    Inspect,
 }
 
 /// The Redis backplane of one node.
@@ -369,6 +376,7 @@ impl RedisBackplane {
                 Some(Answer::Presence(entries))
             }
             (Pending::Send, Ok(Answered::Sent { connections })) => Some(Answer::Sent(connections)),
+            (Pending::Inspect, Ok(Answered::Rooms { rooms })) => Some(Answer::Rooms(rooms)),
             _ => None,
         };
         self.effects.push(Effect::Answer { request, answer });
@@ -675,12 +683,26 @@ impl Backplane for RedisBackplane {
         if !self.is_up() {
             return Reply::Unavailable;
         }
+        if let UserItem::Subscribe(room) | UserItem::Unsubscribe(room) = item {
+            // Answered with the connections it changes, not all of them.
+            let subscribe = matches!(item, UserItem::Subscribe(_));
+            let command = |req| Command::Membership {
+                req,
+                user_id: user_id.to_string(),
+                room: room.to_string(),
+                subscribe,
+                envelope: commands::membership_envelope(user_id, room, subscribe),
+            };
+            return Reply::Later(self.request(command, Pending::Send));
+        }
         let envelope = match item {
             UserItem::Direct(frame) => {
                 let text = protocol::text_frame_payload(frame).unwrap_or_default();
                 commands::direct_envelope(user_id, text)
             }
             UserItem::Kick => commands::kick_envelope(user_id),
+            // Sent above with their own command.
+            UserItem::Subscribe(_) | UserItem::Unsubscribe(_) => return Reply::Unavailable,
         };
         let user_id = user_id.to_string();
         Reply::Later(self.request(
@@ -733,5 +755,37 @@ impl Backplane for RedisBackplane {
 
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
+    }
+
+    /// The cluster's rooms, from Redis (§14.3: `/api/rooms…` answer for
+    /// the cluster).
+    fn inspect_rooms(
+        &mut self,
+        query: &super::RoomQuery,
+        _here: &dyn super::RoomsHere,
+    ) -> Reply<Vec<super::RoomView>> {
+        if !self.is_up() {
+            return Reply::Unavailable;
+        }
+        let query = query.clone();
+        Reply::Later(self.request(
+            |req| match query {
+                super::RoomQuery::List { prefix, limit } => Command::Rooms {
+                    req,
+                    prefix: prefix.into(),
+                    // One more than listed tells `truncated`.
+                    want: limit.saturating_add(1),
+                },
+                super::RoomQuery::One { room } => Command::Room {
+                    req,
+                    room: room.into(),
+                },
+            },
+            Pending::Inspect,
+        ))
+    }
+
+    fn node_id(&self) -> Option<&str> {
+        Some(&self.process)
     }
 }

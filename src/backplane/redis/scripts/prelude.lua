@@ -32,6 +32,7 @@ local function purge(p, u, c)
       redis.call('HDEL', p, field)
     end
   end
+  if redis.call('EXISTS', u) == 0 then redis.call('ZREM', 'rc:rooms', string.sub(u, 9, -3)) end
 end
 local function ensure_room(key, fresh)
   local epoch = redis.call('HGET', key, 'epoch')
@@ -58,6 +59,12 @@ local function set_member(p, u, c, node, user, n, user_json)
   if delta ~= 0 then
     if redis.call('HINCRBY', u, user, delta) <= 0 then redis.call('HDEL', u, user) end
     if redis.call('HINCRBY', c, node, delta) <= 0 then redis.call('HDEL', c, node) end
+    -- rc:rooms: the occupied rooms by name (u is rc:room/{R}/u), for /api/rooms.
+    if redis.call('EXISTS', u) == 1 then
+      redis.call('ZADD', 'rc:rooms', 0, string.sub(u, 9, -3))
+    else
+      redis.call('ZREM', 'rc:rooms', string.sub(u, 9, -3))
+    end
   end
   return before
 end

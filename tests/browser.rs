@@ -21,8 +21,12 @@
 //! missing tool fails the test with the command that installs it, unless
 //! `ROOMCAST_SKIP_BROWSER=1`, which skips these tests with a notice.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
+
+use common::show_output;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const INSTALL_HINT: &str = "install them with `apt-get update && apt-get install -y chromium chromium-driver nodejs npm` \
@@ -70,15 +74,6 @@ fn require(node: bool, npm: bool, chromium: bool) {
     );
 }
 
-fn show(out: &Output) -> String {
-    format!(
-        "exit status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// `npm ci` in tests/browser when playwright-core is not installed yet.
 fn install_node_modules() {
     let dir = browser_dir();
@@ -95,7 +90,7 @@ fn install_node_modules() {
         out.status.success(),
         "`npm ci` in {} failed:\n{}",
         dir.display(),
-        show(&out)
+        show_output(&out)
     );
 }
 
@@ -113,7 +108,7 @@ fn client_module_logic() {
     assert!(
         out.status.success(),
         "web/roomcast.js unit tests failed:\n{}",
-        show(&out)
+        show_output(&out)
     );
     println!("{}", String::from_utf8_lossy(&out.stdout));
 }
@@ -160,7 +155,7 @@ fn client_auth_against_real_server() {
     assert!(
         out.status.success(),
         "web/roomcast.js against the roomcast binary failed:\n{}",
-        show(&out)
+        show_output(&out)
     );
     println!("{}", String::from_utf8_lossy(&out.stdout));
 }
@@ -199,7 +194,7 @@ fn client_over_wss_against_real_server() {
     assert!(
         out.status.success(),
         "web/roomcast.js over wss:// against the roomcast binary failed:\n{}",
-        show(&out)
+        show_output(&out)
     );
     println!("{}", String::from_utf8_lossy(&out.stdout));
 }
@@ -220,7 +215,7 @@ fn chat_page_in_headless_chromium() {
     assert!(
         out.status.success(),
         "the browser test failed (screenshots in target/browser/):\n{}",
-        show(&out)
+        show_output(&out)
     );
     println!("{}", String::from_utf8_lossy(&out.stdout));
 }

@@ -11,10 +11,10 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestServer, WAIT, status_of};
+use common::{TestServer, WAIT, show_output, status_of};
 use serde_json::{Value, json};
 
 const API_KEY: &str = "example-backend-test-api-key";
@@ -149,15 +149,6 @@ fn roomcast_for(backend: &Backend) -> TestServer {
     ])
 }
 
-fn show(out: &Output) -> String {
-    format!(
-        "exit status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// The backend's own tests (`examples/backend/test_backend.py`: signatures,
 /// redelivery, paging, the feed against a stub), which need no roomcast.
 #[test]
@@ -170,7 +161,7 @@ fn the_backend_passes_its_own_tests() {
     assert!(
         out.status.success(),
         "examples/backend/test_backend.py failed:\n{}",
-        show(&out)
+        show_output(&out)
     );
 }
 
@@ -274,7 +265,7 @@ fn a_feed_is_read_only_for_clients_and_fed_by_the_backend() {
     assert!(
         out.status.success(),
         "backend.py publish failed:\n{}",
-        show(&out)
+        show_output(&out)
     );
     let answer: Value = serde_json::from_slice(&out.stdout).expect("publish answer");
     assert_eq!(answer["delivered"], 1, "{answer}");

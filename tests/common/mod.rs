@@ -360,3 +360,13 @@ impl Client {
         assert_eq!(pong["id"], "alive");
     }
 }
+
+/// A finished child's status and output, for an assertion's message.
+pub fn show_output(out: &std::process::Output) -> String {
+    format!(
+        "exit status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}

@@ -4,7 +4,7 @@
 //! The event loops call [`Webhooks::push`], which takes a short lock and
 //! never touches the network; one sender thread per process batches,
 //! signs, sends and retries. The rules live in the sans-IO [`queue`]; the
-//! thread in [`sender`] only does the waiting and the HTTP.
+//! thread in `sender` only does the waiting and the HTTP.
 
 mod event;
 pub mod queue;

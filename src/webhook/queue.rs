@@ -1,7 +1,7 @@
 //! The rules of webhook delivery (PROTOCOL §14.2), sans-IO: events and time
 //! go in, "send this batch now" or "wait until then" comes out. No socket,
 //! no clock and no randomness of its own, so every rule is tested exactly;
-//! the sender thread ([`super::sender`]) is a thin shell around it.
+//! the sender thread (`sender`) is a thin shell around it.
 //!
 //! - A batch holds up to [`BATCH_MAX`] events and leaves at most
 //!   [`BATCH_DELAY`] after its first event was queued (at once when a full

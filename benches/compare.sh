@@ -26,6 +26,9 @@
 # each passed as --KEY VALUE to that server only, the column named after them:
 # `roomcast:threads=2` runs `--threads 2` as `roomcast-t2` (other keys: NAME-KEY=VALUE);
 # threads=default passes no --threads (the server's own default, all cores).
+# A value may be a relative path (letters, digits, . _ - /; no ':' or ','), e.g.
+# roomcast:config=target/bench-results/x.toml. The option `as=LABEL` (any server)
+# names the column LABEL instead: roomcast:config=off.toml:as=webhooks-off.
 # Without threads in the spec or in --roomcast-flags, a roomcast binary that
 # knows --threads runs with --threads 1. --roomcast-flags "FLAGS" adds FLAGS to
 # every roomcast and baseline server (words split on spaces). Ratios are to
@@ -44,7 +47,7 @@ cd "$(dirname "$0")/.."
 root=$PWD
 shared_peers="$root/../shared/peers"
 
-usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [[ $# -ge 1 ]] || usage
 case "$1" in -h|--help) usage ;; esac
 workload=$1
@@ -115,6 +118,7 @@ for spec in "${server_specs[@]}"; do
     own=()
     pin=1
     tls=$tls_all
+    label=""
     flag_given --threads "${extra_flags[@]}" && pin=0
     if [[ $spec == *:* ]]; then
         IFS=: read -r -a kvs <<<"${spec#*:}"
@@ -124,13 +128,21 @@ for spec in "${server_specs[@]}"; do
                 name+="-tls"
                 continue
             fi
+            if [[ $kv == as=* ]]; then
+                label=${kv#as=}
+                if [[ ! $label =~ ^[A-Za-z0-9._-]+$ ]]; then
+                    echo "bad column name '$label' in $spec (as=LABEL: letters, digits, . _ -)" >&2
+                    exit 2
+                fi
+                continue
+            fi
             if ! is_roomcast "$base"; then
                 echo "server options ($spec) are for roomcast and baseline only (any server takes :tls)" >&2
                 exit 2
             fi
             key=${kv%%=*}
             value=${kv#*=}
-            if [[ $kv != *=* || ! $key =~ ^[a-z][a-z0-9-]*$ || ! $value =~ ^[A-Za-z0-9._-]+$ ]]; then
+            if [[ $kv != *=* || ! $key =~ ^[a-z][a-z0-9-]*$ || ! $value =~ ^[A-Za-z0-9._/-]+$ ]]; then
                 echo "bad server option '$kv' in $spec (want KEY=VALUE or tls, e.g. roomcast:threads=2:tls)" >&2
                 exit 2
             fi
@@ -152,6 +164,7 @@ for spec in "${server_specs[@]}"; do
             own+=("--$key" "$value")
         done
     fi
+    [[ -z $label ]] || name=$label
     if [[ -n ${base_of[$name]:-} ]]; then
         echo "two servers would both be named $name (--servers $servers)" >&2
         exit 2

@@ -7,6 +7,10 @@
 //! ```
 //!
 //! Every run prints an aligned table and then exactly one JSON line.
+//!
+//! `roomcast-bench webhook-sink --listen 127.0.0.1:PORT` is not a workload:
+//! it is a webhook receiver (§14.2) for benchmarks with `--webhook-url`
+//! (see [`webhook_sink`]).
 
 mod common;
 mod net;
@@ -16,11 +20,14 @@ mod rooms;
 mod run;
 mod sys;
 mod tls;
+mod webhook_sink;
 
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
+/// The command line: a workload, or the webhook sink.
 #[derive(Parser, Debug)]
 #[command(
     name = "roomcast-bench",
@@ -31,10 +38,28 @@ with its own mio client, mints tokens for users bench-<n> from --secret, and pri
 and one JSON line. Only loopback targets are accepted.\n\n\
 Start the server with --rate-limit 0 (the default 50 msg/s per connection throttles publishers)."
 )]
-pub struct Cli {
+pub struct Invocation {
     #[command(subcommand)]
-    pub workload: Workload,
+    pub command: Command,
     #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    #[command(flatten)]
+    Workload(Workload),
+    /// Not a workload: a webhook receiver (PROTOCOL.md §14.2) that answers every
+    /// POST with 200 at once, counts requests and events, and prints a JSON line
+    /// of totals every second and at the end. It runs until SIGTERM or SIGINT,
+    /// or for --duration S when given (the one common flag it reads)
+    WebhookSink(webhook_sink::SinkArgs),
+}
+
+/// One workload run: what [`run::run`] takes.
+#[derive(Debug)]
+pub struct Cli {
+    pub workload: Workload,
     pub common: Common,
 }
 
@@ -208,8 +233,25 @@ pub enum CloseArg {
 }
 
 fn main() -> ExitCode {
+    let matches = Invocation::command().get_matches();
+    let invocation = Invocation::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    let workload = match invocation.command {
+        Command::Workload(workload) => workload,
+        Command::WebhookSink(args) => {
+            // --duration is a common flag whose default (5 s) is a workload's:
+            // the sink runs until stopped unless it is given.
+            let given = matches!(
+                matches.value_source("duration"),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            );
+            return webhook_sink::run(&args, given.then_some(invocation.common.duration));
+        }
+    };
     sys::init_clock();
-    let cli = Cli::parse();
+    let cli = Cli {
+        workload,
+        common: invocation.common,
+    };
     let report = run::run(&cli);
     report.print(cli.common.json_only);
     if report.error.is_some() {
@@ -223,9 +265,20 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
 
+    fn parse<const N: usize>(args: [&str; N]) -> Result<Cli, clap::Error> {
+        let invocation = Invocation::try_parse_from(args)?;
+        match invocation.command {
+            Command::Workload(workload) => Ok(Cli {
+                workload,
+                common: invocation.common,
+            }),
+            Command::WebhookSink(_) => panic!("not a workload"),
+        }
+    }
+
     #[test]
     fn cli_parses_workloads_with_global_flags_anywhere() {
-        let cli = Cli::try_parse_from([
+        let cli = parse([
             "roomcast-bench",
             "fanout",
             "--rooms",
@@ -242,12 +295,12 @@ mod tests {
             panic!()
         };
         assert_eq!(f.rooms, 2);
-        assert!(Cli::try_parse_from(["roomcast-bench", "--threads", "2", "idle"]).is_ok());
+        assert!(parse(["roomcast-bench", "--threads", "2", "idle"]).is_ok());
     }
 
     #[test]
     fn trust_flags_exclude_each_other() {
-        let cli = Cli::try_parse_from([
+        let cli = parse([
             "roomcast-bench",
             "echo",
             "--url",
@@ -258,9 +311,9 @@ mod tests {
         .unwrap();
         assert_eq!(cli.common.ca.as_deref(), Some("cert.pem"));
         assert!(!cli.common.insecure_skip_verify);
-        assert!(Cli::try_parse_from(["roomcast-bench", "idle", "--insecure-skip-verify"]).is_ok());
+        assert!(parse(["roomcast-bench", "idle", "--insecure-skip-verify"]).is_ok());
         assert!(
-            Cli::try_parse_from([
+            parse([
                 "roomcast-bench",
                 "idle",
                 "--ca",
@@ -269,5 +322,24 @@ mod tests {
             ])
             .is_err()
         );
+    }
+
+    #[test]
+    fn the_webhook_sink_takes_listen_and_duration() {
+        let invocation = Invocation::try_parse_from([
+            "roomcast-bench",
+            "webhook-sink",
+            "--listen",
+            "127.0.0.1:9700",
+            "--duration",
+            "2",
+        ])
+        .unwrap();
+        let Command::WebhookSink(args) = invocation.command else {
+            panic!()
+        };
+        assert_eq!(args.listen.port(), 9700);
+        assert_eq!(invocation.common.duration, 2.0);
+        assert!(Invocation::try_parse_from(["roomcast-bench", "webhook-sink"]).is_err());
     }
 }

@@ -122,3 +122,31 @@ fn the_longest_prefix_wins_and_history_follows_the_flag_over_the_file() {
     assert_eq!(held(&server, "duo:x"), 3);
     assert_eq!(held(&server, "duo:short:y"), 2);
 }
+
+#[test]
+fn the_api_subscribe_skips_a_user_the_room_has_no_place_for() {
+    let server = server(&[]);
+    let mut alice = server.connect("alice");
+    let mut bob = server.connect("bob");
+    let mut carol = server.connect("carol");
+    alice.join("duo:full");
+    bob.join("duo:full");
+    let body = r#"{"user":"carol","room":"duo:full"}"#;
+    let request = format!(
+        "POST /api/subscribe HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    assert_eq!(server.raw_status(request.as_bytes()), 200);
+    // Carol did not ask: she hears nothing of it (her pong, which comes
+    // after the subscription's place in her replies, is the next frame),
+    // and is no member.
+    let pong = carol.request(json!({"type": "ping", "id": 1}));
+    assert_eq!(pong["type"], "pong", "{pong}");
+    let next = carol.request(
+        json!({"type": "message", "id": 2, "payload": {"room": "duo:full", "content": 1}}),
+    );
+    assert_eq!(next["type"], "error", "{next}");
+    assert_eq!(next["payload"]["code"], "not_in_room", "{next}");
+    assert_eq!(next["id"], 2);
+}

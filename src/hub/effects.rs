@@ -10,32 +10,25 @@ use super::{ApiAnswer, CloseRequest, ConnId, Hub, Millis, RoomId, frames};
 use crate::backplane::{Answer, Effect, RequestId, Resume, RoomTraffic, UserItem};
 use crate::protocol::{FrameBuilder, error_frame};
 
-/// A join whose answer came, with what the answer is for.
-struct AnsweredJoin {
-    conn: ConnId,
-    serial: u64,
-    id: Option<Box<RawValue>>,
-    room: RoomId,
-    life: u64,
-    name: Box<str>,
-    since: Option<u64>,
-    epoch: Option<String>,
-    first: bool,
+/// A join whose answer is awaited, with what the answer is for.
+pub(super) struct PendingJoin {
+    pub(super) conn: ConnId,
+    pub(super) serial: u64,
+    pub(super) id: Option<Box<RawValue>>,
+    pub(super) room: RoomId,
+    pub(super) life: u64,
+    pub(super) name: Box<str>,
+    pub(super) since: Option<u64>,
+    pub(super) epoch: Option<String>,
+    pub(super) first: bool,
+    /// The client asked; false when the server API subscribed it, which
+    /// skips a connection a limit refuses without telling it (§14.3).
+    pub(super) asked: bool,
 }
 
 /// What an answer the backplane owes is for.
 pub(super) enum Waiting {
-    Join {
-        conn: ConnId,
-        serial: u64,
-        id: Option<Box<RawValue>>,
-        room: RoomId,
-        life: u64,
-        name: Box<str>,
-        since: Option<u64>,
-        epoch: Option<String>,
-        first: bool,
-    },
+    Join(Box<PendingJoin>),
     Message {
         conn: ConnId,
         serial: u64,
@@ -54,7 +47,10 @@ pub(super) enum Waiting {
         room: Box<str>,
     },
     /// A server API request; the shell waits for the answer by `ticket`.
-    Api { ticket: u64, kind: super::ApiKind },
+    Api {
+        ticket: u64,
+        kind: super::ApiKind,
+    },
 }
 
 impl Hub {
@@ -180,30 +176,7 @@ impl Hub {
             return;
         };
         match waiting {
-            Waiting::Join {
-                conn,
-                serial,
-                id,
-                room,
-                life,
-                name,
-                since,
-                epoch,
-                first,
-            } => {
-                let join = AnsweredJoin {
-                    conn,
-                    serial,
-                    id,
-                    room,
-                    life,
-                    name,
-                    since,
-                    epoch,
-                    first,
-                };
-                self.join_answered(request, join, answer, now);
-            }
+            Waiting::Join(join) => self.join_answered(request, *join, answer, now),
             Waiting::Message { conn, serial, id } => {
                 if self.serial_of(conn) != serial {
                     return;
@@ -272,11 +245,11 @@ impl Hub {
     fn join_answered(
         &mut self,
         request: RequestId,
-        join: AnsweredJoin,
+        join: PendingJoin,
         answer: Option<Answer>,
         now: Millis,
     ) {
-        let AnsweredJoin {
+        let PendingJoin {
             conn,
             serial,
             id,
@@ -286,6 +259,7 @@ impl Hub {
             since,
             epoch,
             first,
+            asked,
         } = join;
         let alive = self.serial_of(conn) == serial;
         let Some(Answer::Joined(state)) = answer else {
@@ -315,7 +289,12 @@ impl Hub {
             }
             let refusal = frames::room_full(&name, self.config.namespaces.for_room(&name));
             let frame = error_frame(id.as_deref(), refusal.code, &refusal.message);
-            self.fill(conn, request, Slot::Done(vec![frame], None), now);
+            let frames = if asked { vec![frame] } else { Vec::new() };
+            if !asked && let Some(session) = self.session_mut(conn) {
+                // The API's grant goes with the subscription it refused.
+                session.granted.retain(|granted| **granted != *name);
+            }
+            self.fill(conn, request, Slot::Done(frames, None), now);
             return;
         }
         let frames = frames::joined(id.as_deref(), &name, &state, since, epoch.as_deref());

@@ -382,7 +382,11 @@ impl Hub {
         if !granted_before {
             session.granted.push(room.into());
         }
-        match self.join(conn, None, room, None, None, now) {
+        let ask = super::requests::JoinAsk {
+            asked: false,
+            ..super::requests::JoinAsk::client(None, room, None, None)
+        };
+        match self.join(conn, ask, now) {
             Ok(()) => true,
             Err(_) => {
                 if !granted_before && let Some(session) = self.session_mut(conn) {

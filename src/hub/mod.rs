@@ -359,7 +359,8 @@ impl Hub {
         self.report_user_connections(&user_id);
         self.reply(conn, welcome);
         if let Some(room) = join
-            && let Err(refusal) = self.join(conn, None, room, None, None, now)
+            && let Err(refusal) =
+                self.join(conn, requests::JoinAsk::client(None, room, None, None), now)
         {
             self.reply(conn, error_frame(None, refusal.code, &refusal.message));
         }

@@ -4,11 +4,44 @@
 use serde_json::value::RawValue;
 
 use super::delivery::Except;
-use super::effects::Waiting;
+use super::effects::{PendingJoin, Waiting};
 use super::session::Slot;
 use super::{ConnId, Hub, Millis, Refusal, RoomId, Timer, frames};
 use crate::backplane::{JoinRequest, Publication, Reply, RoomRef, UserItem, UserRef};
 use crate::protocol::{self, ErrorCode, FrameBuilder, Request, RequestBody, error_frame};
+
+/// What a join asks for.
+pub(super) struct JoinAsk<'a> {
+    /// The request's `id`, echoed in the answer.
+    pub(super) id: Option<&'a RawValue>,
+    /// The room.
+    pub(super) room: &'a str,
+    /// The last seq the client saw, to recover from.
+    pub(super) since: Option<u64>,
+    /// The epoch `since` belongs to.
+    pub(super) epoch: Option<&'a str>,
+    /// The client asked; false when the server API subscribed it, which
+    /// skips a connection a limit refuses without telling it (§14.3).
+    pub(super) asked: bool,
+}
+
+impl<'a> JoinAsk<'a> {
+    /// A client's `join` (or the room of `/ws/{room}`).
+    pub(super) fn client(
+        id: Option<&'a RawValue>,
+        room: &'a str,
+        since: Option<u64>,
+        epoch: Option<&'a str>,
+    ) -> Self {
+        JoinAsk {
+            id,
+            room,
+            since,
+            epoch,
+            asked: true,
+        }
+    }
+}
 
 impl Hub {
     /// One text frame from a client.
@@ -47,7 +80,8 @@ impl Hub {
         let id = request.id;
         match request.body {
             RequestBody::Join { room, since, epoch } => {
-                self.join(conn, id, &room, since, epoch.as_deref(), now)
+                let ask = JoinAsk::client(id, &room, since, epoch.as_deref());
+                self.join(conn, ask, now)
             }
             RequestBody::Leave { room } => {
                 let room_id = self.member_room(conn, &room)?;
@@ -154,17 +188,22 @@ impl Hub {
             .is_some_and(|s| s.memberships.iter().any(|m| m.room == room_id))
     }
 
-    /// `join` (and `/ws/{room}`): the checks, membership here, then the
-    /// room's state from the backplane for `joined` and its replay.
+    /// `join` (and `/ws/{room}`, and `/api/subscribe`): the checks,
+    /// membership here, then the room's state from the backplane for
+    /// `joined` and its replay.
     pub(super) fn join(
         &mut self,
         conn: ConnId,
-        id: Option<&RawValue>,
-        room: &str,
-        since: Option<u64>,
-        epoch: Option<&str>,
+        ask: JoinAsk<'_>,
         now: Millis,
     ) -> Result<(), Refusal> {
+        let JoinAsk {
+            id,
+            room,
+            since,
+            epoch,
+            asked,
+        } = ask;
         self.check_room(conn, room)?;
         self.require_available()?;
         let existing = self.room_ids.get(room).copied();
@@ -240,7 +279,7 @@ impl Hub {
                 self.await_answer(
                     conn,
                     request,
-                    Waiting::Join {
+                    Waiting::Join(Box::new(PendingJoin {
                         conn,
                         serial,
                         id: id.map(ToOwned::to_owned),
@@ -250,7 +289,8 @@ impl Hub {
                         since,
                         epoch: epoch.map(str::to_string),
                         first,
-                    },
+                        asked,
+                    })),
                 );
             }
             Reply::Unavailable => {

@@ -21,7 +21,8 @@
 # saturation: roomcast with the "on" config under `echo --clients 100 --in-flight 8`
 # (each client publishing as fast as its window allows in a room of its own: every
 # message one event). The sink's events/s are read in the middle of the load (its
-# per-second lines), and the server's /metrics webhook counters (delivered,
+# per-second lines), the server's queue at both ends of that window (a queue that
+# grows: the sender is behind), and the /metrics webhook counters (delivered,
 # dropped, queued, failures) at the end of the load.
 #
 # --max-other PCT is passed to compare.sh (runs during which other processes took
@@ -165,8 +166,14 @@ print(f"   server CPU µs per delivery: off {off:.4g}, on {on:.4g}: on ÷ off = 
 for s in ("webhooks-off", "webhooks-on"):
     per = [(r["rep"], r["figures"].get("server_cpu_us_per_delivery")) for r in runs if r.get("server_name") == s and r.get("ok")]
     print(f"   {s} by rep: " + ", ".join(f"{v}" for _, v in sorted(per)))
-pub = [r["figures"].get("published_per_s", 0) for r in runs if r.get("server_name") == "webhooks-on" and r.get("ok")]
-# Every published message is an event; the warm-up's too (not in the window).
+# Every published message is an event; the warm-up's too (not in the window),
+# and those of runs set aside as noisy (--max-other) and repeated.
+noisy = []
+try:
+    noisy = [json.loads(l) for l in open(path + ".noisy") if l.strip()]
+except OSError:
+    pass
+pub = [r["figures"].get("published_per_s", 0) for r in runs + noisy if r.get("server_name") == "webhooks-on" and r.get("ok")]
 sent = sum(p * (duration + 1) for p in pub)
 print(f"   webhook events received by the sink during the step: {sunk:,} "
       f"(≈{sent:,.0f} messages published by the on runs, warm-up included; "
@@ -213,14 +220,16 @@ if want saturation; then
         sleep 4
         e1=$(tail -1 "$sink_out")
         t1=$(sink_ticks)
+        q1=$(metric "$(curl -s -m 2 "http://127.0.0.1:$port/metrics" || true)" roomcast_webhook_queue_events)
         sleep "$duration"
         e2=$(tail -1 "$sink_out")
         t2=$(sink_ticks)
+        q2=$(metric "$(curl -s -m 2 "http://127.0.0.1:$port/metrics" || true)" roomcast_webhook_queue_events)
         wait "$harness_pid" || true
         metrics=$(curl -s -m 5 "http://127.0.0.1:$port/metrics" || true)
         stop_group "$server_pid"
         server_pid=""
-        LINE1=$e1 LINE2=$e2 REP=$rep SINK_US=$(((t2 - t1) * 1000000 / hz)) \
+        LINE1=$e1 LINE2=$e2 REP=$rep Q1=$q1 Q2=$q2 SINK_US=$(((t2 - t1) * 1000000 / hz)) \
             DELIVERED=$(metric "$metrics" 'roomcast_webhook_events_total{result="delivered"}') \
             DROPPED=$(metric "$metrics" 'roomcast_webhook_events_total{result="dropped"}') \
             QUEUED=$(metric "$metrics" roomcast_webhook_queue_events) \
@@ -247,6 +256,7 @@ print(json.dumps({
     "harness_ok": h.get("ok"),
     "delivered": int(float(os.environ["DELIVERED"])),
     "dropped": int(float(os.environ["DROPPED"])),
+    "queued_in_window": [int(float(os.environ["Q1"])), int(float(os.environ["Q2"]))],
     "queued": int(float(os.environ["QUEUED"])),
     "failures": int(float(os.environ["FAILURES"])),
 }, separators=(",", ":")))
@@ -262,6 +272,7 @@ print()
 print(f"saturation, median of {len(runs)}: webhook events delivered {med('sink_events_per_s'):,.0f}/s "
       f"in {med('sink_requests_per_s'):,.0f} requests/s ({med('events_per_request')} events each, "
       f"one every {1e6 / med('sink_requests_per_s'):,.0f} µs); messages published {med('messages_per_s'):,.0f}/s; "
+      f"queue in the window (first, last rep by rep): {[r['queued_in_window'] for r in runs]}; "
       f"at the end: delivered {med('delivered'):,.0f}, dropped {med('dropped'):,.0f}, queued {med('queued'):,.0f}, "
       f"failures {med('failures'):,.0f}")
 EOF

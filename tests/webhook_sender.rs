@@ -22,7 +22,7 @@ fn start(receiver: &WebhookReceiver, queue_capacity: usize) -> Webhooks {
 /// Event `number`, told apart by its room.
 fn event(number: usize) -> Event {
     Event::member_added(
-        format!("room-{number}"),
+        &format!("room-{number}"),
         r#"{"id":"u","name":"U"}"#,
         number as u64,
     )

@@ -32,122 +32,111 @@ impl EventName {
 
 /// One event, as the hub or a backplane hands it to [`super::Webhooks::push`].
 ///
-/// The user and the message content arrive already encoded: the hub keeps
-/// them as JSON text, and the webhook inserts them verbatim rather than
-/// decoding and encoding them again.
+/// It is its JSON object, written once when the event is made: one
+/// allocation on the event loop (the sender thread frees it), and the
+/// batch's body is the events' texts joined. The user and the message
+/// content arrive already encoded (the hub keeps them as JSON text) and go
+/// in verbatim rather than being decoded and encoded again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
-    /// What happened.
-    pub name: EventName,
-    /// The room it happened in.
-    pub room: Box<str>,
-    /// When, in Unix milliseconds.
-    pub time_ms: u64,
-    /// The user `{"id":…,"name":…}` as raw JSON, inserted verbatim as `user`.
-    pub user_json: Option<Box<str>>,
-    /// The message's seq (`message` only).
-    pub seq: Option<u64>,
-    /// The message's content as raw JSON, inserted verbatim as `content`
-    /// (`message` only).
-    pub content: Option<Box<str>>,
+    name: EventName,
+    json: String,
 }
 
 impl Event {
     /// `room_occupied`: `room` got its first member.
-    pub fn room_occupied(room: impl Into<Box<str>>, time_ms: u64) -> Self {
-        Self::plain(EventName::RoomOccupied, room.into(), time_ms, None)
+    pub fn room_occupied(room: &str, time_ms: u64) -> Self {
+        Self::new(EventName::RoomOccupied, room, time_ms, None, None)
     }
 
     /// `room_vacated`: `room`'s last member left.
-    pub fn room_vacated(room: impl Into<Box<str>>, time_ms: u64) -> Self {
-        Self::plain(EventName::RoomVacated, room.into(), time_ms, None)
+    pub fn room_vacated(room: &str, time_ms: u64) -> Self {
+        Self::new(EventName::RoomVacated, room, time_ms, None, None)
     }
 
     /// `member_added`: the user's first connection joined `room`.
-    pub fn member_added(
-        room: impl Into<Box<str>>,
-        user_json: impl Into<Box<str>>,
-        time_ms: u64,
-    ) -> Self {
-        Self::plain(
-            EventName::MemberAdded,
-            room.into(),
-            time_ms,
-            Some(user_json.into()),
-        )
+    pub fn member_added(room: &str, user_json: &str, time_ms: u64) -> Self {
+        Self::new(EventName::MemberAdded, room, time_ms, Some(user_json), None)
     }
 
     /// `member_removed`: the user's last connection left `room`.
-    pub fn member_removed(
-        room: impl Into<Box<str>>,
-        user_json: impl Into<Box<str>>,
-        time_ms: u64,
-    ) -> Self {
-        Self::plain(
+    pub fn member_removed(room: &str, user_json: &str, time_ms: u64) -> Self {
+        Self::new(
             EventName::MemberRemoved,
-            room.into(),
+            room,
             time_ms,
-            Some(user_json.into()),
+            Some(user_json),
+            None,
         )
     }
 
     /// `message`: a client message took `seq` in `room`; `content` is its
     /// raw JSON as the members got it.
-    pub fn message(
-        room: impl Into<Box<str>>,
-        seq: u64,
-        user_json: impl Into<Box<str>>,
-        content: impl Into<Box<str>>,
+    pub fn message(room: &str, seq: u64, user_json: &str, content: &str, time_ms: u64) -> Self {
+        let message = Some((seq, content));
+        Self::new(EventName::Message, room, time_ms, Some(user_json), message)
+    }
+
+    fn new(
+        name: EventName,
+        room: &str,
         time_ms: u64,
+        user_json: Option<&str>,
+        message: Option<(u64, &str)>,
     ) -> Self {
-        Event {
-            name: EventName::Message,
-            room: room.into(),
-            time_ms,
-            user_json: Some(user_json.into()),
-            seq: Some(seq),
-            content: Some(content.into()),
-        }
-    }
-
-    fn plain(name: EventName, room: Box<str>, time_ms: u64, user_json: Option<Box<str>>) -> Self {
-        Event {
-            name,
-            room,
-            time_ms,
-            user_json,
-            seq: None,
-            content: None,
-        }
-    }
-
-    /// Appends the event's JSON object, e.g.
-    /// `{"name":"member_added","room":"lobby","time_ms":1,"user":{"id":"a","name":"A"}}`.
-    pub fn write_json(&self, out: &mut String) {
-        out.push_str("{\"name\":\"");
-        out.push_str(self.name.as_str());
-        out.push_str("\",\"room\":");
-        write_json_string(out, &self.room);
+        let extra = user_json.map_or(0, str::len) + message.map_or(0, |(_, c)| c.len());
+        // The fixed keys, two numbers and a little escaping: no regrowth.
+        let mut json = String::with_capacity(room.len() + extra + 112);
+        json.push_str("{\"name\":\"");
+        json.push_str(name.as_str());
+        json.push_str("\",\"room\":");
+        write_json_string(&mut json, room);
         // Writing into a String cannot fail.
-        let _ = write!(out, ",\"time_ms\":{}", self.time_ms);
-        if let Some(seq) = self.seq {
-            let _ = write!(out, ",\"seq\":{seq}");
+        let _ = write!(json, ",\"time_ms\":{time_ms}");
+        if let Some((seq, _)) = message {
+            let _ = write!(json, ",\"seq\":{seq}");
         }
-        if let Some(user) = &self.user_json {
-            out.push_str(",\"user\":");
-            out.push_str(user);
+        if let Some(user) = user_json {
+            json.push_str(",\"user\":");
+            json.push_str(user);
         }
-        if let Some(content) = &self.content {
-            out.push_str(",\"content\":");
-            out.push_str(content);
+        if let Some((_, content)) = message {
+            json.push_str(",\"content\":");
+            json.push_str(content);
         }
-        out.push('}');
+        json.push('}');
+        Event { name, json }
+    }
+
+    /// What happened.
+    pub fn name(&self) -> EventName {
+        self.name
+    }
+
+    /// The event's JSON object, e.g.
+    /// `{"name":"member_added","room":"lobby","time_ms":1,"user":{"id":"a","name":"A"}}`.
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+
+    /// Appends the event's JSON object.
+    pub fn write_json(&self, out: &mut String) {
+        out.push_str(&self.json);
     }
 }
 
 /// Appends `value` as a JSON string literal.
 fn write_json_string(out: &mut String, value: &str) {
     out.push('"');
+    // Room names are plain as a rule: one copy, no per-character pushes.
+    if !value
+        .bytes()
+        .any(|byte| byte == b'"' || byte == b'\\' || byte < 0x20)
+    {
+        out.push_str(value);
+        out.push('"');
+        return;
+    }
     for character in value.chars() {
         match character {
             '"' => out.push_str("\\\""),

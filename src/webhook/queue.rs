@@ -243,14 +243,18 @@ mod tests {
     use super::*;
 
     fn event(number: u64) -> Event {
-        Event::room_occupied(format!("room-{number}"), number)
+        Event::room_occupied(&format!("room-{number}"), number)
     }
 
     fn rooms(batch: &Batch) -> Vec<String> {
         batch
             .events()
             .iter()
-            .map(|event| event.room.to_string())
+            .map(|event| {
+                let json: serde_json::Value =
+                    serde_json::from_str(event.json()).unwrap_or_default();
+                json["room"].as_str().unwrap_or_default().to_string()
+            })
             .collect()
     }
 

@@ -424,3 +424,38 @@ fn subscribe_keeps_the_rooms_per_connection_limit() {
     rooms.sort_by_key(|r| r.to_string());
     assert_eq!(rooms, [json!(["extra"]), json!(["mine"])]);
 }
+
+#[test]
+fn a_stalled_connection_shows_its_queue_and_its_drops() {
+    // 1000 × 8 KB to a member that never reads: more than the kernel's
+    // buffers hold, so roomcast's queue passes the soft mark and drops.
+    let server = server(&[
+        "--write-buffer-soft",
+        "20000",
+        "--write-buffer-hard",
+        "20000000",
+        "--max-message-size",
+        "16384",
+        "--rate-limit",
+        "0",
+    ]);
+    let mut stalled = server.connect_small_receive_buffer("stalled");
+    stalled.join("feed");
+    let mut publisher = server.connect("publisher");
+    publisher.join("feed");
+    let pad = "x".repeat(8000);
+    for n in 0..1000 {
+        publisher.send(json!({"type": "message", "id": n, "payload": {"room": "feed", "content": {"n": n, "pad": pad}}}));
+        publisher.recv_type("ack");
+    }
+    let user = get_ok(&server, "/api/users/stalled");
+    let connection = &user["connections"][0];
+    assert!(connection["dropped"].as_u64().unwrap() > 0, "{user}");
+    assert!(
+        connection["queued_bytes"].as_u64().unwrap() >= 20000,
+        "{user}"
+    );
+    // The publisher reads its own copies: nothing dropped there.
+    let publisher = get_ok(&server, "/api/users/publisher");
+    assert_eq!(publisher["connections"][0]["dropped"], 0, "{publisher}");
+}

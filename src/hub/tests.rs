@@ -1426,6 +1426,37 @@ fn refresh_applies_the_new_rooms_claim_to_later_requests() {
     assert_eq!(single_error(&mut hub, 0).0, "forbidden");
 }
 
+#[test]
+fn a_room_the_api_subscribed_stays_usable_after_a_refresh_narrows_the_claim() {
+    let mut hub = new_hub();
+    hub.connect(0, identity_with_rooms("alice", &["team:*"]), None, NOW);
+    drain(&mut hub, 0);
+    let body = br#"{"user":"alice","room":"ops"}"#;
+    assert_eq!(
+        api_result(hub.api_membership(body, true, NOW, 1)),
+        Ok(r#"{"joined":1}"#.to_string())
+    );
+    assert_eq!(types(&drain(&mut hub, 0)), ["joined"]);
+    let token = token(TokenClaims {
+        sub: "alice".into(),
+        rooms: Some(vec!["team:a".into()]),
+        ..TokenClaims::default()
+    });
+    send(&mut hub, 0, &refresh_request(&token));
+    assert_eq!(types(&drain(&mut hub, 0)), ["refreshed"]);
+    // The backend's decision outlives the token: the room is still hers.
+    send(&mut hub, 0, &message("ops", "1"));
+    assert_eq!(types(&drain(&mut hub, 0)), ["message"]);
+    // Until the backend takes it back: then the claim rules again.
+    assert_eq!(
+        api_result(hub.api_membership(body, false, NOW, 2)),
+        Ok(r#"{"left":1}"#.to_string())
+    );
+    assert_eq!(types(&drain(&mut hub, 0)), ["left"]);
+    send(&mut hub, 0, r#"{"type":"join","payload":{"room":"ops"}}"#);
+    assert_eq!(single_error(&mut hub, 0).0, "forbidden");
+}
+
 // ---------------------------------------------------------------------------
 // recovery
 // ---------------------------------------------------------------------------

@@ -31,6 +31,8 @@ mod session;
 mod upkeep;
 
 #[cfg(test)]
+pub(crate) mod test_support;
+#[cfg(test)]
 mod tests;
 
 use std::collections::HashMap;

@@ -6,11 +6,10 @@
 
 use serde_json::{Value, json};
 
+use super::test_support::{SECRET, config, split_frames};
 use super::*;
 use crate::auth::{RoomAccess, TokenClaims, sign};
 use crate::backplane::deferred::DeferredBackplane;
-
-const SECRET: &[u8] = b"secret";
 
 /// The fake clock's "now", in milliseconds since the epoch.
 const NOW: Millis = 1_700_000_000_000;
@@ -20,25 +19,6 @@ const TYPING_TIMEOUT_MS: Millis = 6000;
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-fn config() -> HubConfig {
-    HubConfig {
-        namespaces: std::sync::Arc::new(crate::hub::Namespaces::none(100)),
-        max_rooms_per_connection: 3,
-        typing_timeout_ms: TYPING_TIMEOUT_MS,
-        // Heartbeats have their own tests; the others move the clock by minutes.
-        heartbeat_ms: 0,
-        pong_timeout_ms: 10_000,
-        rate_limit: 0,
-        rate_burst: 100,
-        marks: Marks {
-            soft: 256 * 1024,
-            hard: 4 * 1024 * 1024,
-        },
-        verifier: Verifier::new(SECRET),
-        webhooks: None,
-    }
-}
 
 thread_local! {
     /// Set while the suite runs against a backplane that answers later.
@@ -141,36 +121,6 @@ fn publish(hub: &mut Hub, conn: ConnId, room: &str, n: u64) {
     for i in 1..=n {
         send_at(hub, conn, &message(room, &i.to_string()), NOW + i);
     }
-}
-
-/// Splits server bytes into text frames (unmasked, final, 7-bit / 16-bit /
-/// 64-bit lengths) and returns each payload as text.
-fn split_frames(mut bytes: &[u8]) -> Vec<String> {
-    let mut payloads = Vec::new();
-    while !bytes.is_empty() {
-        assert!(bytes.len() >= 2, "truncated frame header");
-        if bytes[0] == 0x89 {
-            // A heartbeat ping: not an application frame.
-            assert_eq!(bytes[1], 0, "pings carry no payload");
-            bytes = &bytes[2..];
-            continue;
-        }
-        assert_eq!(bytes[0], 0x81, "a final, unfragmented text frame");
-        assert_eq!(bytes[1] & 0x80, 0, "server frames are not masked");
-        let (header, len) = match bytes[1] {
-            126 => (4, usize::from(u16::from_be_bytes([bytes[2], bytes[3]]))),
-            127 => {
-                let len = u64::from_be_bytes(bytes[2..10].try_into().unwrap());
-                (10, usize::try_from(len).unwrap())
-            }
-            n => (2, usize::from(n)),
-        };
-        assert!(bytes.len() >= header + len, "truncated frame payload");
-        let payload = std::str::from_utf8(&bytes[header..header + len]).expect("UTF-8 text");
-        payloads.push(payload.to_owned());
-        bytes = &bytes[header + len..];
-    }
-    payloads
 }
 
 /// The frames queued to `conn` as raw JSON text, without clearing the queue.

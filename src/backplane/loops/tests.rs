@@ -7,9 +7,9 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::auth::{Identity, RoomAccess, Verifier};
+use crate::auth::{Identity, RoomAccess};
+use crate::hub::test_support::{config, take_frames};
 use crate::hub::{ConnId, Hub, HubConfig};
-use crate::outbound::Marks;
 
 const NOW: Millis = 1_700_000_000_000;
 
@@ -37,6 +37,7 @@ impl Process {
                 );
                 let config = HubConfig {
                     namespaces: Arc::clone(&namespaces),
+                    max_rooms_per_connection: 10,
                     ..config()
                 };
                 let mut hub = Hub::with_backplane(config, Box::new(backplane));
@@ -96,40 +97,7 @@ impl Process {
     }
 
     fn drain(&mut self, on: usize, conn: ConnId) -> Vec<Value> {
-        let Some(queue) = self.loops[on].outbound_mut(conn) else {
-            return Vec::new();
-        };
-        let bytes = queue.to_vec();
-        queue.clear();
-        let mut frames = Vec::new();
-        let mut rest = &bytes[..];
-        while rest.len() >= 2 {
-            let (header, len) = match rest[1] & 0x7f {
-                126 => (4, usize::from(u16::from_be_bytes([rest[2], rest[3]]))),
-                n => (2, usize::from(n)),
-            };
-            frames.push(serde_json::from_slice(&rest[header..header + len]).unwrap());
-            rest = &rest[header + len..];
-        }
-        frames
-    }
-}
-
-fn config() -> HubConfig {
-    HubConfig {
-        namespaces: std::sync::Arc::new(crate::hub::Namespaces::none(100)),
-        max_rooms_per_connection: 10,
-        typing_timeout_ms: 6000,
-        heartbeat_ms: 0,
-        pong_timeout_ms: 10_000,
-        rate_limit: 0,
-        rate_burst: 100,
-        marks: Marks {
-            soft: 256 * 1024,
-            hard: 4 * 1024 * 1024,
-        },
-        verifier: Verifier::new(b"secret"),
-        webhooks: None,
+        take_frames(&mut self.loops[on], conn)
     }
 }
 

@@ -10,9 +10,9 @@ use super::commands::{
     Subscription,
 };
 use super::*;
-use crate::auth::{Identity, RoomAccess, Verifier};
-use crate::hub::{ApiAnswer, ConnId, Hub, HubConfig};
-use crate::outbound::Marks;
+use crate::auth::{Identity, RoomAccess};
+use crate::hub::test_support::{config, take_frames};
+use crate::hub::{ApiAnswer, ConnId, Hub};
 
 /// The shell's side of the Redis backplane, as the tests drive it.
 trait RedisShell {
@@ -49,24 +49,7 @@ const NOW: Millis = 1_700_000_000_000;
 
 fn hub() -> Hub {
     let backplane = Box::new(RedisBackplane::new("proc".into(), NOW));
-    Hub::with_backplane(
-        HubConfig {
-            namespaces: std::sync::Arc::new(crate::hub::Namespaces::none(100)),
-            max_rooms_per_connection: 3,
-            typing_timeout_ms: 6000,
-            heartbeat_ms: 0,
-            pong_timeout_ms: 10_000,
-            rate_limit: 0,
-            rate_burst: 100,
-            marks: Marks {
-                soft: 256 * 1024,
-                hard: 4 * 1024 * 1024,
-            },
-            verifier: Verifier::new(b"secret"),
-            webhooks: None,
-        },
-        backplane,
-    )
+    Hub::with_backplane(config(), backplane)
 }
 
 /// Both links up and the registration answered: the node is up.
@@ -120,22 +103,7 @@ fn send(hub: &mut Hub, conn: ConnId, frame: Value) {
 
 /// Everything queued to a connection, as JSON.
 fn drain(hub: &mut Hub, conn: ConnId) -> Vec<Value> {
-    let Some(queue) = hub.outbound_mut(conn) else {
-        return Vec::new();
-    };
-    let bytes = queue.to_vec();
-    queue.clear();
-    let mut frames = Vec::new();
-    let mut rest = &bytes[..];
-    while rest.len() >= 2 {
-        let (header, len) = match rest[1] & 0x7f {
-            126 => (4, usize::from(u16::from_be_bytes([rest[2], rest[3]]))),
-            n => (2, usize::from(n)),
-        };
-        frames.push(serde_json::from_slice(&rest[header..header + len]).unwrap());
-        rest = &rest[header + len..];
-    }
-    frames
+    take_frames(hub, conn)
 }
 
 fn kinds(frames: &[Value]) -> Vec<String> {

@@ -71,6 +71,26 @@ pub(super) fn answer_of(kind: ApiKind, answer: Option<Answer>) -> ApiAnswer {
 }
 
 impl Hub {
+    /// A server API request as the backplane answers it: at once (`now`
+    /// makes the answer), later (awaited by `ticket`, then answered by
+    /// [`answer_of`]), or not at all while it is away.
+    pub(super) fn api_reply<T>(
+        &mut self,
+        reply: Reply<T>,
+        ticket: u64,
+        kind: ApiKind,
+        now: impl FnOnce(&mut Self, T) -> ApiAnswer,
+    ) -> Option<ApiAnswer> {
+        match reply {
+            Reply::Now(value) => Some(now(self, value)),
+            Reply::Later(request) => {
+                self.waiting.insert(request, Waiting::Api { ticket, kind });
+                None
+            }
+            Reply::Unavailable => Some(ApiAnswer::Unavailable),
+        }
+    }
+
     /// `POST /api/publish` (§6): a `message` to a room or a `direct` to a
     /// user, from the user `server`. `None`: the answer comes later through
     /// [`Hub::take_api_answers`] with `ticket`.
@@ -143,27 +163,18 @@ impl Hub {
             content,
             now,
         };
-        let answer = match self.backplane.publish(&publication) {
-            Reply::Now(published) => {
-                let here = self.deliver_traffic(
-                    room_id,
-                    Some(published.seq),
-                    Except::Nobody,
-                    &published.frame,
-                );
-                let delivered = here as u64 + published.delivered_elsewhere;
-                let seq = published.seq;
-                Some(ApiAnswer::Ok(format!(
-                    r#"{{"delivered":{delivered},"seq":{seq}}}"#
-                )))
-            }
-            Reply::Later(request) => {
-                let kind = ApiKind::Publish;
-                self.waiting.insert(request, Waiting::Api { ticket, kind });
-                None
-            }
-            Reply::Unavailable => Some(ApiAnswer::Unavailable),
-        };
+        let reply = self.backplane.publish(&publication);
+        let answer = self.api_reply(reply, ticket, ApiKind::Publish, |hub, published| {
+            let here = hub.deliver_traffic(
+                room_id,
+                Some(published.seq),
+                Except::Nobody,
+                &published.frame,
+            );
+            let delivered = here as u64 + published.delivered_elsewhere;
+            let seq = published.seq;
+            ApiAnswer::Ok(format!(r#"{{"delivered":{delivered},"seq":{seq}}}"#))
+        });
         // A publish to a room without members here (§11) leaves it as any
         // empty room: kept for recovery, or forgotten, as the backplane says.
         if self
@@ -183,22 +194,15 @@ impl Hub {
             Ok(user) => user,
             Err(message) => return Some(ApiAnswer::BadRequest(message)),
         };
-        let answer = match self.backplane.send_to_user(&user, &UserItem::Kick) {
-            Reply::Now(()) => {
-                let connections = self.users.get(user.as_ref()).cloned().unwrap_or_default();
-                let closed = connections.len();
-                for conn in connections {
-                    self.close(conn, 4003, "disconnected by the server", now);
-                }
-                Some(ApiAnswer::Ok(format!(r#"{{"closed":{closed}}}"#)))
+        let reply = self.backplane.send_to_user(&user, &UserItem::Kick);
+        let answer = self.api_reply(reply, ticket, ApiKind::Disconnect, |hub, ()| {
+            let connections = hub.users.get(user.as_ref()).cloned().unwrap_or_default();
+            let closed = connections.len();
+            for conn in connections {
+                hub.close(conn, 4003, "disconnected by the server", now);
             }
-            Reply::Later(request) => {
-                let kind = ApiKind::Disconnect;
-                self.waiting.insert(request, Waiting::Api { ticket, kind });
-                None
-            }
-            Reply::Unavailable => Some(ApiAnswer::Unavailable),
-        };
+            ApiAnswer::Ok(format!(r#"{{"closed":{closed}}}"#))
+        });
         self.apply_effects(now);
         self.settle(now);
         answer

@@ -11,10 +11,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use slab::Slab;
 
-use super::effects::Waiting;
 use super::session::Session;
 use super::{ApiAnswer, ApiKind, ConnId, Hub, Millis, Room, RoomId};
-use crate::backplane::{MemberView, Reply, RoomQuery, RoomView, RoomsHere, UserItem};
+use crate::backplane::{MemberView, RoomQuery, RoomView, RoomsHere, UserItem};
 use crate::protocol::{self, FrameBuilder, is_valid_room_name, write_json_string};
 
 /// One connection of a user, as `GET /api/users/{user}` shows it.
@@ -256,14 +255,8 @@ impl Hub {
             room_ids: &self.room_ids,
             sessions: &self.sessions,
         };
-        let answer = match self.backplane.inspect_rooms(&query, &here) {
-            Reply::Now(rooms) => Some(rooms_answer(kind, &rooms)),
-            Reply::Later(request) => {
-                self.waiting.insert(request, Waiting::Api { ticket, kind });
-                None
-            }
-            Reply::Unavailable => Some(ApiAnswer::Unavailable),
-        };
+        let reply = self.backplane.inspect_rooms(&query, &here);
+        let answer = self.api_reply(reply, ticket, kind, |_, rooms| rooms_answer(kind, &rooms));
         self.apply_effects(now);
         answer
     }
@@ -331,18 +324,12 @@ impl Hub {
         } else {
             (UserItem::Unsubscribe(room.into()), ApiKind::Unsubscribe)
         };
-        let answer = match self.backplane.send_to_user(&user, &item) {
-            Reply::Now(()) => {
-                let changed = self.apply_membership(&user, &item, now);
-                let key = if subscribe { "joined" } else { "left" };
-                Some(ApiAnswer::Ok(format!(r#"{{"{key}":{changed}}}"#)))
-            }
-            Reply::Later(request) => {
-                self.waiting.insert(request, Waiting::Api { ticket, kind });
-                None
-            }
-            Reply::Unavailable => Some(ApiAnswer::Unavailable),
-        };
+        let reply = self.backplane.send_to_user(&user, &item);
+        let answer = self.api_reply(reply, ticket, kind, |hub, ()| {
+            let changed = hub.apply_membership(&user, &item, now);
+            let key = if subscribe { "joined" } else { "left" };
+            ApiAnswer::Ok(format!(r#"{{"{key}":{changed}}}"#))
+        });
         self.apply_effects(now);
         self.settle(now);
         answer

@@ -43,6 +43,22 @@ fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     (child.wait().unwrap().code(), errors)
 }
 
+/// A config file `text` stops the start with exit 2, naming `named`.
+fn refused_naming(name: &str, text: &str, named: &str) {
+    let file = scratch(name, text);
+    let (code, errors) = run_to_exit(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(2), "{name}: {errors}");
+    assert!(errors.contains(named), "{name}: names `{named}`: {errors}");
+}
+
 fn upgrade(server: &TestServer, sub: &str) -> u16 {
     let request = format!(
         "GET /ws?token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -146,18 +162,7 @@ fn unknown_keys_wrong_types_and_unreadable_files_exit_2_naming_them() {
         ),
     ];
     for (name, text, named) in cases {
-        let file = scratch(name, text);
-        let (code, errors) = run_to_exit(
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--config",
-                file.to_str().unwrap(),
-            ],
-            &[],
-        );
-        assert_eq!(code, Some(2), "{name}: {errors}");
-        assert!(errors.contains(named), "{name}: names `{named}`: {errors}");
+        refused_naming(name, text, named);
     }
     let (code, errors) = run_to_exit(
         &[
@@ -304,17 +309,6 @@ fn webhook_keys_in_the_file_configure_the_webhook() {
             "--webhook-secret",
         ),
     ] {
-        let file = scratch(name, text);
-        let (code, errors) = run_to_exit(
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--config",
-                file.to_str().unwrap(),
-            ],
-            &[],
-        );
-        assert_eq!(code, Some(2), "{name}: {errors}");
-        assert!(errors.contains(named), "{name}: names `{named}`: {errors}");
+        refused_naming(name, text, named);
     }
 }

@@ -400,7 +400,8 @@ impl EventLoop {
         Some((response, keep_alive))
     }
 
-    /// `POST /api/publish` and `/api/disconnect`; `None` while Redis works on it.
+    /// The server API's `POST`s (publish, disconnect, subscribe, unsubscribe);
+    /// `None` while another loop or Redis works on it.
     fn serve_api(
         &mut self,
         route: HttpRoute,

@@ -1,10 +1,12 @@
 //! What a webhook says happened (PROTOCOL §14.2), and its JSON.
 
-use std::fmt::Write;
+use std::io::Write;
+
+use crate::protocol;
 
 /// The kinds of event a webhook reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventName {
+enum EventName {
     /// A room with no member got its first.
     RoomOccupied,
     /// A room's last member left (disconnects included).
@@ -19,7 +21,7 @@ pub enum EventName {
 
 impl EventName {
     /// The event's `name` in the JSON.
-    pub fn as_str(self) -> &'static str {
+    fn as_str(self) -> &'static str {
         match self {
             EventName::RoomOccupied => "room_occupied",
             EventName::RoomVacated => "room_vacated",
@@ -39,7 +41,6 @@ impl EventName {
 /// in verbatim rather than being decoded and encoded again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
-    name: EventName,
     json: String,
 }
 
@@ -86,31 +87,28 @@ impl Event {
     ) -> Self {
         let extra = user_json.map_or(0, str::len) + message.map_or(0, |(_, c)| c.len());
         // The fixed keys, two numbers and a little escaping: no regrowth.
-        let mut json = String::with_capacity(room.len() + extra + 112);
-        json.push_str("{\"name\":\"");
-        json.push_str(name.as_str());
-        json.push_str("\",\"room\":");
-        write_json_string(&mut json, room);
-        // Writing into a String cannot fail.
+        let mut json = Vec::with_capacity(room.len() + extra + 112);
+        json.extend_from_slice(b"{\"name\":\"");
+        json.extend_from_slice(name.as_str().as_bytes());
+        json.extend_from_slice(b"\",\"room\":");
+        protocol::write_json_string(&mut json, room);
+        // Writing into a Vec cannot fail.
         let _ = write!(json, ",\"time_ms\":{time_ms}");
         if let Some((seq, _)) = message {
             let _ = write!(json, ",\"seq\":{seq}");
         }
         if let Some(user) = user_json {
-            json.push_str(",\"user\":");
-            json.push_str(user);
+            json.extend_from_slice(b",\"user\":");
+            json.extend_from_slice(user.as_bytes());
         }
         if let Some((_, content)) = message {
-            json.push_str(",\"content\":");
-            json.push_str(content);
+            json.extend_from_slice(b",\"content\":");
+            json.extend_from_slice(content.as_bytes());
         }
-        json.push('}');
-        Event { name, json }
-    }
-
-    /// What happened.
-    pub fn name(&self) -> EventName {
-        self.name
+        json.push(b'}');
+        // Only valid UTF-8 went in.
+        let json = String::from_utf8(json).unwrap_or_default();
+        Event { json }
     }
 
     /// The event's JSON object, e.g.
@@ -123,34 +121,6 @@ impl Event {
     pub fn write_json(&self, out: &mut String) {
         out.push_str(&self.json);
     }
-}
-
-/// Appends `value` as a JSON string literal.
-fn write_json_string(out: &mut String, value: &str) {
-    out.push('"');
-    // Room names are plain as a rule: one copy, no per-character pushes.
-    if !value
-        .bytes()
-        .any(|byte| byte == b'"' || byte == b'\\' || byte < 0x20)
-    {
-        out.push_str(value);
-        out.push('"');
-        return;
-    }
-    for character in value.chars() {
-        match character {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            control if u32::from(control) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", u32::from(control));
-            }
-            other => out.push(other),
-        }
-    }
-    out.push('"');
 }
 
 #[cfg(test)]

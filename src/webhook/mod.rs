@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use log::{error, warn};
 
-pub use event::{Event, EventName};
+pub use event::Event;
 pub use sender::{ATTEMPT_TIMEOUT, AttemptError, signature};
 
 use queue::Outbox;

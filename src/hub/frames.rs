@@ -106,6 +106,11 @@ pub(super) fn user_offline(to: &str) -> Refusal {
     )
 }
 
+/// `left`, the answer to a `leave` (or an unsubscribe, without `id`).
+pub(super) fn left(id: Option<&RawValue>, room: &str) -> Bytes {
+    FrameBuilder::new("left", id).string("room", room).finish()
+}
+
 /// `room_full` for a join over the namespace's `max_members` (§14.1).
 pub(super) fn room_full(room: &str, options: &RoomOptions) -> Refusal {
     Refusal::new(

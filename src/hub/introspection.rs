@@ -14,7 +14,7 @@ use slab::Slab;
 use super::session::Session;
 use super::{ApiAnswer, ApiKind, ConnId, Hub, Millis, Room, RoomId};
 use crate::backplane::{MemberView, RoomQuery, RoomView, RoomsHere, UserItem};
-use crate::protocol::{self, FrameBuilder, is_valid_room_name, write_json_string};
+use crate::protocol::{self, is_valid_room_name, write_json_string};
 
 /// One connection of a user, as `GET /api/users/{user}` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -355,10 +355,7 @@ impl Hub {
     /// aside; false when it is in the room already, closing, or refused by
     /// a limit (it gets no error: it did not ask).
     fn subscribe_connection(&mut self, conn: ConnId, room: &str, now: Millis) -> bool {
-        let member = self
-            .room_ids
-            .get(room)
-            .is_some_and(|&room_id| self.is_member(conn, room_id));
+        let member = self.member_room_id(conn, room).is_some();
         let Some(session) = self.session_mut(conn) else {
             return false;
         };
@@ -390,22 +387,14 @@ impl Hub {
         if let Some(session) = self.session_mut(conn) {
             session.granted.retain(|r| **r != *room);
         }
-        let Some(room_id) = self
-            .room_ids
-            .get(room)
-            .copied()
-            .filter(|&room_id| self.is_member(conn, room_id))
-        else {
+        let Some(room_id) = self.member_room_id(conn, room) else {
             return false;
         };
         if self.session(conn).is_none_or(|session| session.closing) {
             return false;
         }
         self.remove_membership(conn, room_id, now);
-        let frame = FrameBuilder::new("left", None)
-            .string("room", room)
-            .finish();
-        self.reply(conn, frame);
+        self.reply(conn, super::frames::left(None, room));
         true
     }
 }
@@ -415,6 +404,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+    use crate::protocol::FrameBuilder;
 
     fn room(name: &str) -> RoomView {
         RoomView {

@@ -86,7 +86,7 @@ impl Hub {
             RequestBody::Leave { room } => {
                 let room_id = self.member_room(conn, &room)?;
                 self.remove_membership(conn, room_id, now);
-                let frame = FrameBuilder::new("left", id).string("room", &room).finish();
+                let frame = frames::left(id, &room);
                 self.reply(conn, frame);
                 Ok(())
             }
@@ -175,12 +175,16 @@ impl Hub {
     }
 
     fn membership_of(&self, conn: ConnId, room: &str) -> Result<RoomId, Refusal> {
-        let member_of = self
-            .room_ids
+        self.member_room_id(conn, room)
+            .ok_or_else(|| Refusal::new(ErrorCode::NotInRoom, format!("join {room} first")))
+    }
+
+    /// The room's key, when the connection is one of its members here.
+    pub(super) fn member_room_id(&self, conn: ConnId, room: &str) -> Option<RoomId> {
+        self.room_ids
             .get(room)
             .copied()
-            .filter(|&room_id| self.is_member(conn, room_id));
-        member_of.ok_or_else(|| Refusal::new(ErrorCode::NotInRoom, format!("join {room} first")))
+            .filter(|&room_id| self.is_member(conn, room_id))
     }
 
     pub(super) fn is_member(&self, conn: ConnId, room_id: RoomId) -> bool {
@@ -505,7 +509,6 @@ impl Hub {
             ));
         }
         session.user_json = protocol::user_json(&identity.user_id, &identity.name).into();
-        session.name = identity.name.into_boxed_str();
         session.access = identity.rooms;
         session.expires_at = identity.expires_at;
         let serial = session.serial;

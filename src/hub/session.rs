@@ -85,7 +85,6 @@ pub(super) struct Session {
     /// The public id sent in `welcome`.
     pub(super) connection_id: Box<str>,
     pub(super) user_id: Box<str>,
-    pub(super) name: Box<str>,
     /// `{"id":…,"name":…}`, encoded once and reused in every frame about this
     /// user; shared so that holding it across a broadcast costs no allocation.
     pub(super) user_json: Rc<str>,
@@ -130,7 +129,6 @@ impl Session {
             serial,
             connection_id: Box::default(),
             user_id: identity.user_id.into_boxed_str(),
-            name: identity.name.into_boxed_str(),
             user_json,
             access: identity.rooms,
             expires_at: identity.expires_at,

@@ -1099,11 +1099,7 @@ fn nodes_of_two_loops_each_behave_as_one_server() {
 
 /// A config file of namespaces, for nodes started with `--config`.
 fn namespace_file(text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("roomcast-cluster-ns-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("namespaces.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    common::scratch_file("namespaces.toml", text)
 }
 
 #[test]

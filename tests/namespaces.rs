@@ -25,10 +25,7 @@ history = 2
 "#;
 
 fn server(extra: &[&str]) -> TestServer {
-    let dir = std::env::temp_dir().join(format!("roomcast-namespaces-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("roomcast-{}.toml", extra.len()));
-    std::fs::write(&path, CONFIG).unwrap();
+    let path = common::scratch_file("roomcast.toml", CONFIG);
     let mut args = vec!["--config", path.to_str().unwrap(), "--api-key", "key"];
     args.extend_from_slice(extra);
     TestServer::start(&args)

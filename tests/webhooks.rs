@@ -14,15 +14,10 @@ const WEBHOOK_SECRET: &str = "webhook-secret";
 
 /// Rooms under `chat:` send their client messages to the webhook.
 fn config_file() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("roomcast-webhooks-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("roomcast.toml");
-    std::fs::write(
-        &path,
+    common::scratch_file(
+        "roomcast.toml",
         "[[namespace]]\nprefix = \"chat:\"\nwebhook_messages = true\n",
     )
-    .unwrap();
-    path
 }
 
 fn server(receiver: &WebhookReceiver, extra: &[&str]) -> TestServer {

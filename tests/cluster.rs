@@ -1180,6 +1180,18 @@ fn each_webhook_event_is_sent_once_for_the_cluster() {
     // Each node sends its own events: wait for both nodes' eight.
     let requests = receiver.wait_until(common::WAIT, |requests| delivered(requests).len() >= 8);
     let events = delivered(&requests);
+    // No --webhook-secret: the batches are signed with the --api-key (§14.2).
+    for request in &requests {
+        let signature = request.header("x-roomcast-signature").unwrap_or_default();
+        assert!(
+            common::webhook_receiver::verify_signature(
+                API_KEY.as_bytes(),
+                &request.body,
+                signature
+            ),
+            "signed with the API key"
+        );
+    }
     let names: Vec<&str> = events
         .iter()
         .map(|event| event["name"].as_str().unwrap_or("?"))

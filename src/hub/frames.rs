@@ -106,6 +106,11 @@ pub(super) fn user_offline(to: &str) -> Refusal {
     )
 }
 
+/// `not_in_room` for a request about a room the connection has not joined.
+pub(super) fn not_in_room(room: &str) -> Refusal {
+    Refusal::new(ErrorCode::NotInRoom, format!("join {room} first"))
+}
+
 /// `left`, the answer to a `leave` (or an unsubscribe, without `id`).
 pub(super) fn left(id: Option<&RawValue>, room: &str) -> Bytes {
     FrameBuilder::new("left", id).string("room", room).finish()

@@ -26,6 +26,7 @@ impl Hub {
             life: self.next_room_life,
             empty_since: None,
             joining: 0,
+            options: *self.config.namespaces.for_room(name),
         };
         let room_id = self.rooms.insert(room);
         self.room_ids.insert(name.into(), room_id);

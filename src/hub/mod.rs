@@ -148,6 +148,8 @@ struct Room {
     empty_since: Option<Millis>,
     /// Members whose join has not taken effect yet (their traffic waits).
     joining: usize,
+    /// Its namespace's options, looked up once when the room is made.
+    options: RoomOptions,
 }
 
 /// The rooms server's state: everything but the sockets.

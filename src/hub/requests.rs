@@ -165,18 +165,27 @@ impl Hub {
     /// not done yet).
     fn publishable_room(&self, conn: ConnId, room: &str) -> Result<RoomId, Refusal> {
         self.check_room(conn, room)?;
-        if !self.config.namespaces.for_room(room).client_publish {
+        let known = self.room_ids.get(room).copied();
+        let options = known
+            .and_then(|room_id| self.rooms.get(room_id))
+            .map_or_else(
+                || self.config.namespaces.for_room(room),
+                |known| &known.options,
+            );
+        if !options.client_publish {
             return Err(Refusal::new(
                 ErrorCode::Forbidden,
                 format!("clients may not publish in {room}; the server publishes there"),
             ));
         }
-        self.membership_of(conn, room)
+        known
+            .filter(|&room_id| self.is_member(conn, room_id))
+            .ok_or_else(|| frames::not_in_room(room))
     }
 
     fn membership_of(&self, conn: ConnId, room: &str) -> Result<RoomId, Refusal> {
         self.member_room_id(conn, room)
-            .ok_or_else(|| Refusal::new(ErrorCode::NotInRoom, format!("join {room} first")))
+            .ok_or_else(|| frames::not_in_room(room))
     }
 
     /// The room's key, when the connection is one of its members here.
@@ -318,14 +327,14 @@ impl Hub {
         now: Millis,
     ) -> Result<(), Refusal> {
         let user_json = self.user_json_of(conn);
-        let Some(room) = self.rooms.get(room_id).map(|room| RoomRef {
-            id: room_id,
-            name: &room.name,
-        }) else {
+        let Some(known) = self.rooms.get(room_id) else {
             return Ok(());
         };
-        let webhook = self.config.webhooks.is_some()
-            && self.config.namespaces.for_room(room.name).webhook_messages;
+        let webhook = self.config.webhooks.is_some() && known.options.webhook_messages;
+        let room = RoomRef {
+            id: room_id,
+            name: &known.name,
+        };
         let publication = Publication {
             room,
             user_json: &user_json,

@@ -203,13 +203,15 @@ impl EventLoop {
 
     /// Sends the iteration's mail: one batch and at most one wake per loop.
     pub(super) fn send_to_loops(&mut self) {
-        let mut outgoing = Vec::new();
+        // A buffer kept across iterations: no allocation per batch of mail.
+        let mut outgoing = std::mem::take(&mut self.room_mail);
         if let Some(loops) = self.hub.backplane_mut::<LoopsBackplane>() {
             loops.take_outgoing(&mut outgoing);
         }
-        for (to, message) in outgoing {
+        for (to, message) in outgoing.drain(..) {
             self.mail(to, LoopMail::Rooms(message));
         }
+        self.room_mail = outgoing;
         for (to, batch) in self.outbox.iter_mut().enumerate() {
             if batch.is_empty() {
                 continue;

@@ -443,6 +443,7 @@ impl EventLoop {
             bridge,
             bridge_backlog: false,
             outgoing: Vec::new(),
+            room_mail: Vec::new(),
             api_answers: Vec::new(),
             api_waiting: std::collections::HashMap::new(),
             next_serial: 0,

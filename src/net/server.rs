@@ -135,6 +135,9 @@ pub struct EventLoop {
     pub(super) bridge_backlog: bool,
     /// Reused buffers of what the hub sends to Redis and its API answers.
     pub(super) outgoing: Vec<Outgoing>,
+    /// The rooms' mail for other loops, taken from the backplane each
+    /// iteration (`--threads`); kept for its capacity.
+    pub(super) room_mail: Vec<(usize, crate::backplane::loops::LoopMessage)>,
     pub(super) api_answers: Vec<(u64, ApiAnswer)>,
     /// Connections with an API request waiting for Redis, by serial.
     pub(super) api_waiting: std::collections::HashMap<u64, usize>,

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use tungstenite::protocol::WebSocketContext;
 
+use super::peers::Shared;
 use super::transport::Transport;
 use crate::hub::Millis;
 use crate::outbound::OutboundQueue;
@@ -60,6 +61,19 @@ pub(super) struct Connection {
     pub(super) user_slot: Option<Box<str>>,
     /// Its read turn was used up and it waits in `EventLoop::read_again`.
     pub(super) read_again_queued: bool,
+}
+
+impl Connection {
+    /// Gives back the process-wide slots the session held (`--max-connections`,
+    /// `--max-connections-per-user`); a second call gives back nothing.
+    pub(super) fn release_slots(&mut self, shared: &Shared) {
+        if std::mem::take(&mut self.counted) {
+            shared.release_connection();
+        }
+        if let Some(user) = self.user_slot.take() {
+            shared.release_user(&user);
+        }
+    }
 }
 
 /// Bytes read from one socket and not yet taken by its codec. One buffer

@@ -4,7 +4,7 @@
 use log::debug;
 
 use super::connection::{CLOSE_LINGER_MS, Phase};
-use super::server::{EventLoop, ServerTimer, now_ms};
+use super::server::{EventLoop, ServerTimer};
 use crate::hub::{ConnId, Millis};
 
 impl EventLoop {
@@ -64,32 +64,27 @@ impl EventLoop {
                 _ => self.hub.outbound_mut(key).is_none_or(|q| q.is_empty()),
             };
         if flushed && connection.close_when_flushed {
-            self.finish_flushed(key);
+            self.finish_flushed(key, now);
         }
     }
 
     /// Everything is written on a closing connection: shut our side and wait
     /// briefly for the peer to hang up.
-    pub(super) fn finish_flushed(&mut self, key: usize) {
+    pub(super) fn finish_flushed(&mut self, key: usize, now: Millis) {
         let Some(connection) = self.connections.get_mut(key) else {
             return;
         };
         connection.transport.shutdown_write();
         connection.phase = Phase::Lingering;
         // The session is over: its `--max-connections` slot is free again.
-        if std::mem::take(&mut connection.counted) {
-            self.shared.release_connection();
-        }
-        if let Some(user) = connection.user_slot.take() {
-            self.shared.release_user(&user);
-        }
+        connection.release_slots(&self.shared);
         if connection.deadline.is_none() {
-            let deadline = now_ms() + CLOSE_LINGER_MS;
+            let deadline = now + CLOSE_LINGER_MS;
             connection.deadline = Some(deadline);
             self.timers.schedule(deadline, ServerTimer::Deadline(key));
         }
         // The hub's part ended with the close; its queue is no longer needed.
-        self.hub.release(key, now_ms());
+        self.hub.release(key, now);
         self.read_discard(key);
     }
 }

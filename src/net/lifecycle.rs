@@ -63,12 +63,7 @@ impl EventLoop {
                     .poll
                     .registry()
                     .deregister(connection.transport.socket_mut());
-                if connection.counted {
-                    self.shared.release_connection();
-                }
-                if let Some(user) = connection.user_slot.take() {
-                    self.shared.release_user(&user);
-                }
+                connection.release_slots(&self.shared);
                 self.hub.release(key, now);
                 debug!("connection {key} ({}): freed", connection.peer);
             }

@@ -145,7 +145,7 @@ impl EventLoop {
                 self.hub.disconnect(key, now);
                 self.hub.mark_dirty(key);
                 if self.hub.outbound_mut(key).is_none_or(|q| q.is_empty()) {
-                    self.finish_flushed(key);
+                    self.finish_flushed(key, now);
                 }
             }
             ReadFailure::Close(code, reason) => self.fail(key, code, reason, now),

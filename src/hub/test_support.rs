@@ -78,3 +78,11 @@ pub(crate) fn take_frames(hub: &mut Hub, conn: ConnId) -> Vec<Value> {
         .map(|text| serde_json::from_str(text).expect("a frame holds one JSON value"))
         .collect()
 }
+
+/// Each frame's `type` (`?` for a frame without one).
+pub(crate) fn kinds(frames: &[Value]) -> Vec<String> {
+    frames
+        .iter()
+        .map(|frame| frame["type"].as_str().unwrap_or("?").to_string())
+        .collect()
+}

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::auth::{Identity, RoomAccess};
-use crate::hub::test_support::{config, take_frames};
+use crate::hub::test_support::{config, kinds, take_frames};
 use crate::hub::{ConnId, Hub, HubConfig};
 
 const NOW: Millis = 1_700_000_000_000;
@@ -99,13 +99,6 @@ impl Process {
     fn drain(&mut self, on: usize, conn: ConnId) -> Vec<Value> {
         take_frames(&mut self.loops[on], conn)
     }
-}
-
-fn kinds(frames: &[Value]) -> Vec<String> {
-    frames
-        .iter()
-        .map(|f| f["type"].as_str().unwrap_or("?").to_string())
-        .collect()
 }
 
 fn message(room: &str, content: i64, id: &str) -> Value {

@@ -11,7 +11,7 @@ use super::commands::{
 };
 use super::*;
 use crate::auth::{Identity, RoomAccess};
-use crate::hub::test_support::{config, take_frames};
+use crate::hub::test_support::{config, kinds, take_frames};
 use crate::hub::{ApiAnswer, ConnId, Hub};
 
 /// The shell's side of the Redis backplane, as the tests drive it.
@@ -104,13 +104,6 @@ fn send(hub: &mut Hub, conn: ConnId, frame: Value) {
 /// Everything queued to a connection, as JSON.
 fn drain(hub: &mut Hub, conn: ConnId) -> Vec<Value> {
     take_frames(hub, conn)
-}
-
-fn kinds(frames: &[Value]) -> Vec<String> {
-    frames
-        .iter()
-        .map(|f| f["type"].as_str().unwrap_or("?").to_string())
-        .collect()
 }
 
 fn message_text(seq: u64) -> String {

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 
 use serde_json::{Value, json};
 
-use common::webhook_receiver::{Answer, Request, WebhookReceiver, verify_signature};
+use common::webhook_receiver::{Answer, WebhookReceiver, delivered, verify_signature};
 use common::{Client, TestServer, WAIT};
 
 const WEBHOOK_SECRET: &str = "webhook-secret";
@@ -33,17 +33,6 @@ fn server(receiver: &WebhookReceiver, extra: &[&str]) -> TestServer {
     ];
     args.extend_from_slice(extra);
     TestServer::start(&args)
-}
-
-/// The events of every batch the receiver accepted, in order, each batch once.
-fn delivered(requests: &[Request]) -> Vec<Value> {
-    let mut seen = HashSet::new();
-    requests
-        .iter()
-        .filter(|request| request.answer == Answer::Status(200))
-        .filter(|request| seen.insert(request.delivery().to_string()))
-        .flat_map(Request::events)
-        .collect()
 }
 
 /// Waits until an accepted batch held an event `name` for `room`.

@@ -13,6 +13,18 @@ use std::time::{Duration, Instant};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+/// The events of every batch that was accepted (answered 200), in order,
+/// each batch once however many times it was sent.
+pub fn delivered(requests: &[Request]) -> Vec<serde_json::Value> {
+    let mut seen = std::collections::HashSet::new();
+    requests
+        .iter()
+        .filter(|request| request.answer == Answer::Status(200))
+        .filter(|request| seen.insert(request.delivery().to_string()))
+        .flat_map(Request::events)
+        .collect()
+}
+
 /// How the receiver answers a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {

@@ -12,11 +12,13 @@ use common::{Client, TestServer, WAIT};
 
 const WEBHOOK_SECRET: &str = "webhook-secret";
 
-/// Rooms under `chat:` send their client messages to the webhook.
+/// Rooms under `chat:` send their client messages to the webhook; rooms
+/// under `quiet:` tell their members nothing of joins and leaves.
 fn config_file() -> std::path::PathBuf {
     common::scratch_file(
         "roomcast.toml",
-        "[[namespace]]\nprefix = \"chat:\"\nwebhook_messages = true\n",
+        "[[namespace]]\nprefix = \"chat:\"\nwebhook_messages = true\n\
+         [[namespace]]\nprefix = \"quiet:\"\nmember_events = false\n",
     )
 }
 
@@ -254,6 +256,30 @@ fn events_queued_at_sigterm_go_out_before_the_process_ends() {
             "member_added alice",
             "member_removed alice",
             "room_vacated"
+        ]
+    );
+}
+
+#[test]
+fn the_backend_hears_of_members_whatever_member_events_says() {
+    let receiver = WebhookReceiver::start();
+    let server = server(&receiver, &[]);
+    let mut alice = server.connect("alice");
+    let mut bob = server.connect("bob");
+    alice.join("quiet:q");
+    bob.join("quiet:q");
+    leave(&mut bob, "quiet:q");
+    leave(&mut alice, "quiet:q");
+    let events = wait_for_event(&receiver, "room_vacated", "quiet:q");
+    assert_eq!(
+        story(&events, "quiet:q"),
+        [
+            "room_occupied",
+            "member_added alice",
+            "member_added bob",
+            "member_removed bob",
+            "member_removed alice",
+            "room_vacated",
         ]
     );
 }
